@@ -1,0 +1,164 @@
+"""Slide reading: every real fixture behaves exactly as documented in ../shared/data/README.md."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from wsi_pipeline.slide import SlideError, find_slides, open_slide
+
+
+@pytest.fixture(scope="module")
+def fixtures(shared_data):
+    return shared_data / "openslide-fixtures"
+
+
+@pytest.fixture(scope="module")
+def slides(shared_data):
+    return shared_data / "slides"
+
+
+@pytest.mark.parametrize(
+    ("name", "vendor", "size", "mpp"),
+    [
+        ("small.svs", "aperio", (16, 16), 0.499),
+        ("boxes_0.dcm", "dicom", (16, 16), 0.499),
+        ("boxes_1.dcm", "dicom", (16, 16), 0.499),
+    ],
+)
+def test_openslide_fixtures_report_vendor_and_mpp(fixtures, name, vendor, size, mpp):
+    with open_slide(fixtures / name) as slide:
+        assert slide.info.vendor == vendor
+        assert slide.info.backend == "openslide"
+        assert slide.info.dimensions == size
+        assert slide.mpp == pytest.approx(mpp)
+        assert slide.info.mpp_source == "openslide.mpp-x"
+
+
+def test_generic_tiff_with_a_72_dpi_tag_has_no_microns_per_pixel(fixtures):
+    slide = open_slide(fixtures / "boxes.tiff")
+    assert slide.info.vendor == "generic-tiff"
+    assert slide.info.dimensions == (300, 250)
+    assert slide.info.mpp is None
+    assert "not a microscope pixel size" in slide.info.mpp_source
+    with pytest.raises(SlideError, match=r"boxes\.tiff: no microns per pixel.*pass --mpp"):
+        slide.mpp  # noqa: B018
+
+
+def test_dicom_folder_opens_as_one_slide(fixtures, tmp_path):
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(fixtures / name, tmp_path / name)
+    slide = open_slide(tmp_path)
+    assert slide.info.vendor == "dicom"
+    assert slide.info.path == tmp_path
+    assert find_slides(tmp_path) == [tmp_path]
+
+
+def test_plain_png_is_a_one_level_slide(fixtures):
+    slide = open_slide(fixtures / "boxes.png", mpp=0.5)
+    assert (slide.info.vendor, slide.info.backend) == ("image", "pillow")
+    assert slide.info.level_dimensions == ((300, 250),)
+    expected = np.asarray(Image.open(fixtures / "boxes.png").convert("RGB"))
+    np.testing.assert_array_equal(slide.read_region((0, 0), (300, 250)), expected)
+
+
+def test_unopenable_tiff_names_file_and_compression(fixtures):
+    with pytest.raises(SlideError) as caught:
+        open_slide(fixtures / "unopenable.tiff")
+    message = str(caught.value)
+    assert message.startswith(str(fixtures / "unopenable.tiff"))
+    assert "Unsupported TIFF compression: 52479" in message
+    assert "\n" not in message
+
+
+def test_undecodable_svs_fails_when_opened_not_later(fixtures):
+    with pytest.raises(SlideError, match=r"unreadable\.svs: tiles cannot be decoded.*Bogus marker"):
+        open_slide(fixtures / "unreadable.svs")
+
+
+def test_real_scanner_svs_reads_at_any_resolution(slides):
+    path = slides / "CMU-1-Small-Region.svs"
+    slide = open_slide(path)
+    info = slide.info
+    assert (info.vendor, info.dimensions, len(info.level_dimensions)) == ("aperio", (2220, 2967), 1)
+    assert info.mpp == pytest.approx(0.499)
+    assert info.objective_power == 20
+
+    native = slide.read_region((1000, 1200), (256, 128))
+    raw = np.asarray(openslide.OpenSlide(str(path)).read_region((1000, 1200), 0, (256, 128)))
+    np.testing.assert_array_equal(native, raw[..., :3])
+
+    half = slide.read_region((1000, 1200), (128, 64), mpp=2 * info.mpp)
+    assert half.shape == (64, 128, 3)
+    block_means = native.reshape(64, 2, 128, 2, 3).mean(axis=(1, 3))
+    assert np.abs(half.astype(float) - block_means).mean() < 2.0
+
+
+def test_slide_without_mpp_needs_the_user_to_give_it(slides):
+    path = slides / "TCGA-CR-7395-01A-01-TS1.svs"
+    slide = open_slide(path)
+    assert slide.info.vendor == "aperio"
+    assert slide.info.level_dimensions == ((4443, 3567), (2221, 1783))
+    assert slide.info.mpp is None
+    with pytest.raises(SlideError, match="pass --mpp"):
+        slide.read_region((0, 0), (64, 64), mpp=1.0)
+
+    given = open_slide(path, mpp=0.25)
+    assert (given.mpp, given.info.mpp_source) == (0.25, "user")
+    assert given.best_level(2.0) == 1
+    region = given.read_region((2000, 1500), (100, 80), mpp=0.5)  # from level 1
+    assert region.shape == (80, 100, 3)
+    assert region.std() > 5  # tissue, not blank
+
+
+def test_non_pyramidal_tiff_falls_back_to_tiatoolbox(slides):
+    path = slides / "kidney-48-5.tif"
+    slide = open_slide(path, mpp=0.5)
+    assert slide.info.backend == "tiatoolbox"
+    assert slide.info.dimensions == (1493, 901)
+    assert open_slide(path).info.mpp is None
+
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_array_equal(slide.read_region((0, 0), (1493, 901)), pixels)
+    half = slide.read_region((300, 200), (200, 150), mpp=1.0)
+    block_means = pixels[200:500, 300:700].reshape(150, 2, 200, 2, 3).mean(axis=(1, 3))
+    assert np.abs(half - block_means).mean() < 1.0
+
+
+def test_transparent_pixels_become_glass_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:4] = (200, 0, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "half.png")
+    region = open_slide(tmp_path / "half.png", mpp=1).read_region((0, 0), (8, 8))
+    assert (region[:4] == (200, 0, 0)).all()
+    assert (region[4:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda d: d / "missing.svs", "no such file"),
+        (lambda d: (d / "empty.svs").touch() or d / "empty.svs", "empty file"),
+        (lambda d: (d / "notes.svs").write_text("hello") and d / "notes.svs", "not a slide"),
+    ],
+)
+def test_bad_paths_give_one_line(tmp_path, make, problem):
+    path = make(tmp_path)
+    with pytest.raises(SlideError) as caught:
+        open_slide(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert problem in str(caught.value)
+
+
+def test_find_slides_in_a_tree(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("a/x.svs", "b.tif", "c.txt", ".hidden.svs"):
+        (tmp_path / name).write_bytes(b"0")
+    assert find_slides(tmp_path) == [tmp_path / "a/x.svs", tmp_path / "b.tif"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlideError, match="no slide files found"):
+        find_slides(tmp_path / "empty")

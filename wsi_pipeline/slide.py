@@ -1,0 +1,413 @@
+"""Open whole-slide images and read regions at a requested physical resolution.
+
+Three readers stand behind one :class:`Slide`:
+
+* OpenSlide for the scanner formats it knows (Aperio SVS, generic tiled TIFF, NDPI, MRXS, DICOM);
+* TIAToolbox for what OpenSlide refuses but TIAToolbox opens (OME-TIFF, plain strip TIFFs, ...);
+* Pillow for plain JPEG/PNG photographs, read as one-level slides.
+
+Every position is a level-0 pixel coordinate; every size passed to :meth:`Slide.read_region` is
+in output pixels at the requested microns per pixel. Failures raise :class:`SlideError`, whose
+message is one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from wsi_pipeline.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+    ".qptiff", *IMAGE_SUFFIXES,
+)  # fmt: skip
+Pair = tuple[int, int]
+
+
+class SlideError(InputError):
+    """A slide that cannot be opened or read; ``str()`` is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What is known of a slide before reading any pixels.
+
+    Attributes
+    ----------
+    path : Path
+        The file (or DICOM folder) as opened.
+    vendor : str
+        Format reported by the reader (``aperio``, ``generic-tiff``, ``dicom``, ``image``, ...).
+    backend : str
+        ``openslide``, ``tiatoolbox`` or ``pillow``.
+    dimensions : tuple of int
+        Level-0 ``(width, height)`` in pixels.
+    level_dimensions : tuple of (int, int)
+        ``(width, height)`` of every pyramid level, level 0 first.
+    level_downsamples : tuple of float
+        Downsample factor of every level relative to level 0.
+    mpp : float or None
+        Microns per pixel at level 0, or None when neither the file nor the user gives it.
+    mpp_source : str
+        Where ``mpp`` came from: a property name of the reader, ``user`` or ``none``.
+    objective_power : float or None
+        Scanning magnification, when recorded.
+    """
+
+    path: Path
+    vendor: str
+    backend: str
+    dimensions: tuple[int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_source: str
+    objective_power: float | None = None
+
+    def as_dict(self) -> dict:
+        """JSON-ready copy of the fields."""
+        return {
+            "path": str(self.path),
+            "vendor": self.vendor,
+            "backend": self.backend,
+            "dimensions": list(self.dimensions),
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+        }
+
+
+class _Reader(Protocol):
+    """What each backend provides: metadata and raw RGB reads at one pyramid level."""
+
+    def read_level(self, level: int, location: Pair, size: Pair) -> np.ndarray:
+        """RGB uint8 of ``size`` (level pixels) whose top-left is ``location`` (level-0 pixels)."""
+
+    def close(self) -> None: ...
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite RGBA on white; transparent slide margins become glass-white."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+# Microscope scans lie between ~0.05 (100x oil) and ~10 µm/px (overview images); a value outside
+# this range is a software default such as 72 dpi, not a pixel size.
+PLAUSIBLE_MPP = (0.01, 50.0)
+
+
+def _plausible_mpp(value: object, name: str) -> tuple[float | None, str]:
+    """Level-0 microns per pixel from a reader property and where it came from."""
+    mpp = _positive_float(value)
+    if mpp is None:
+        return None, "none"
+    if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        return None, f"none ({name} = {mpp:.4g} µm/px ignored: not a microscope pixel size)"
+    return mpp, name
+
+
+def _positive_float(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+class _OpenSlideReader:
+    def __init__(self, path: Path):
+        import openslide
+
+        self._error = openslide.OpenSlideError
+        self._slide = openslide.OpenSlide(str(path))
+        props = self._slide.properties
+        self.vendor = props.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+        self.level_dimensions = tuple(self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.mpp, self.mpp_source = _plausible_mpp(
+            props.get(openslide.PROPERTY_NAME_MPP_X), openslide.PROPERTY_NAME_MPP_X
+        )
+        self.objective_power = _positive_float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+
+    def read_level(self, level: int, location: Pair, size: Pair) -> np.ndarray:
+        return _rgba_to_rgb(np.asarray(self._slide.read_region(location, level, size)))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class _TiaToolboxReader:
+    def __init__(self, path: Path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from tiatoolbox.wsicore.wsireader import WSIReader
+
+            self._reader = WSIReader.open(path)
+            meta = self._reader.info
+        self.vendor = str(meta.vendor or "tiatoolbox")
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in meta.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in meta.level_downsamples)
+        mpp = None if meta.mpp is None else np.asarray(meta.mpp).ravel()[0]
+        self.mpp, self.mpp_source = _plausible_mpp(mpp, "tiatoolbox.mpp")
+        self.objective_power = _positive_float(meta.objective_power)
+
+    def read_level(self, level: int, location: Pair, size: Pair) -> np.ndarray:
+        x, y = location
+        ds = self.level_downsamples[level]
+        bounds = (x, y, x + round(size[0] * ds), y + round(size[1] * ds))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            region = self._reader.read_bounds(bounds, resolution=level, units="level")
+        region = np.asarray(region)
+        if region.shape[-1] == 4:
+            region = _rgba_to_rgb(region)
+        if region.shape[1::-1] != tuple(size):
+            region = np.asarray(Image.fromarray(region).resize(size, Image.BILINEAR))
+        return np.ascontiguousarray(region[..., :3])
+
+    def close(self) -> None:
+        pass
+
+
+class _ImageReader:
+    def __init__(self, path: Path):
+        with Image.open(path) as image:
+            image.load()
+            rgba = np.asarray(image.convert("RGBA"))
+        self._rgb = _rgba_to_rgb(rgba)
+        height, width = self._rgb.shape[:2]
+        self.vendor = "image"
+        self.level_dimensions = ((width, height),)
+        self.level_downsamples = (1.0,)
+        self.mpp = None
+        self.mpp_source = "none"
+        self.objective_power = None
+
+    def read_level(self, level: int, location: Pair, size: Pair) -> np.ndarray:
+        x, y = location
+        width, height = size
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        src = self._rgb[max(y, 0) : y + height, max(x, 0) : x + width]
+        out[max(-y, 0) : max(-y, 0) + src.shape[0], max(-x, 0) : max(-x, 0) + src.shape[1]] = src
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class Slide:
+    """An open slide: its :class:`SlideInfo` and reads at any microns per pixel."""
+
+    def __init__(self, info: SlideInfo, reader: _Reader):
+        self.info = info
+        self._reader = reader
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 microns per pixel; raises :class:`SlideError` when unknown."""
+        if self.info.mpp is None:
+            detail = "" if self.info.mpp_source == "none" else f" ({self.info.mpp_source})"
+            raise SlideError(
+                self.info.path,
+                f"no microns per pixel recorded in the slide{detail}; "
+                "pass --mpp with the scanner's pixel size",
+            )
+        return self.info.mpp
+
+    def best_level(self, downsample: float) -> int:
+        """Coarsest level whose downsample does not exceed ``downsample``."""
+        eligible = [i for i, d in enumerate(self.info.level_downsamples) if d <= downsample * 1.001]
+        return eligible[-1] if eligible else 0
+
+    def read_region(
+        self, location: tuple[int, int], size: tuple[int, int], mpp: float | None = None
+    ) -> np.ndarray:
+        """Read an RGB region at a physical resolution.
+
+        Parameters
+        ----------
+        location : (int, int)
+            Top-left ``(x, y)`` in level-0 pixels.
+        size : (int, int)
+            ``(width, height)`` of the output in pixels at ``mpp``.
+        mpp : float, optional
+            Requested microns per pixel; level 0 when omitted.
+
+        Returns
+        -------
+        ndarray of uint8, shape (height, width, 3)
+        """
+        width, height = (int(v) for v in size)
+        x, y = (int(round(v)) for v in location)
+        downsample = 1.0 if mpp is None else mpp / self.mpp
+        level = self.best_level(downsample)
+        level_ds = self.info.level_downsamples[level]
+        scale = downsample / level_ds
+        level_size = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+        try:
+            region = self._reader.read_level(level, (x, y), level_size)
+        except SlideError:
+            raise
+        except Exception as error:  # the readers raise their own error types
+            raise SlideError(
+                self.info.path,
+                f"cannot decode the region at ({x}, {y}) level {level}: {error}",
+            ) from error
+        if level_size != (width, height):
+            resample = Image.BOX if scale > 1 else Image.BILINEAR
+            region = np.asarray(Image.fromarray(region).resize((width, height), resample))
+        return region
+
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at ``mpp`` microns per pixel."""
+        width, height = self.info.dimensions
+        factor = self.mpp / mpp
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        return self.read_region((0, 0), size, mpp)
+
+
+def _dicom_file(folder: Path) -> Path | None:
+    files = sorted(folder.glob("*.dcm"))
+    return files[0] if files else None
+
+
+def _open_reader(path: Path) -> _Reader:
+    import openslide
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            return _ImageReader(path)
+        except (OSError, ValueError) as error:
+            raise SlideError(path, f"not a readable image: {error}") from error
+
+    if openslide.OpenSlide.detect_format(str(path)) is not None:
+        try:
+            return _OpenSlideReader(path)
+        except openslide.OpenSlideError as error:
+            raise SlideError(path, f"OpenSlide cannot open it: {error}") from error
+
+    try:
+        return _TiaToolboxReader(path)
+    except Exception as tia_error:  # TIAToolbox raises many types for unsupported files
+        try:
+            return _ImageReader(path)
+        except (OSError, ValueError):
+            pass
+        raise SlideError(
+            path, f"not a slide that OpenSlide or TIAToolbox can read ({tia_error})"
+        ) from tia_error
+
+
+def _check_decodes(slide: Slide) -> None:
+    """Decode one tile of the smallest and of the largest level, so corrupt files fail early."""
+    width, height = slide.info.dimensions
+    probe = (min(width, 64), min(height, 64))
+    centre = ((width - probe[0]) // 2, (height - probe[1]) // 2)
+    for level in {len(slide.info.level_dimensions) - 1, 0}:
+        try:
+            slide._reader.read_level(level, centre, probe)
+        except Exception as error:
+            raise SlideError(slide.info.path, f"tiles cannot be decoded: {error}") from error
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """Open a slide file, a DICOM folder or a plain image.
+
+    Parameters
+    ----------
+    path : str or Path
+        Slide file (SVS, TIFF, NDPI, MRXS, DICOM, JPEG/PNG, ...) or a folder of DICOM files.
+    mpp : float, optional
+        Level-0 microns per pixel given by the user; overrides what the file says.
+
+    Raises
+    ------
+    SlideError
+        When the path is missing, empty, not a slide, or its tiles cannot be decoded.
+    """
+    path = Path(path)
+    target = path
+    if not path.exists():
+        raise SlideError(path, "no such file or directory")
+    if path.is_dir():
+        target = _dicom_file(path)
+        if target is None:
+            raise SlideError(path, "is a directory, not a slide (no DICOM files inside)")
+    elif path.stat().st_size == 0:
+        raise SlideError(path, "empty file (0 bytes)")
+    if mpp is not None and _plausible_mpp(mpp, "user")[0] is None:
+        low, high = PLAUSIBLE_MPP
+        raise SlideError(path, f"--mpp must be between {low} and {high} µm per pixel, got {mpp}")
+
+    try:
+        reader = _open_reader(target)
+    except SlideError as error:
+        raise SlideError(path, error.problem) from error
+    info = SlideInfo(
+        path=path,
+        vendor=reader.vendor,
+        backend={
+            _OpenSlideReader: "openslide",
+            _TiaToolboxReader: "tiatoolbox",
+            _ImageReader: "pillow",
+        }[type(reader)],
+        dimensions=reader.level_dimensions[0],
+        level_dimensions=reader.level_dimensions,
+        level_downsamples=reader.level_downsamples,
+        mpp=float(mpp) if mpp is not None else reader.mpp,
+        mpp_source="user" if mpp is not None else reader.mpp_source,
+        objective_power=reader.objective_power,
+    )
+    slide = Slide(info, reader)
+    _check_decodes(slide)
+    return slide
+
+
+def find_slides(path: str | Path) -> list[Path]:
+    """Slides under ``path``: the file itself, or every slide file and DICOM folder below a folder.
+
+    Raises
+    ------
+    SlideError
+        When ``path`` does not exist or a folder holds no slides.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(path, "no such file or directory")
+    if path.is_file():
+        return [path]
+    if _dicom_file(path) is not None:
+        return [path]
+    found: set[Path] = set()
+    for candidate in sorted(path.rglob("[!.]*")):
+        if candidate.is_file() and candidate.suffix.lower() == ".dcm":
+            found.add(candidate.parent)
+        elif candidate.is_file() and candidate.suffix.lower() in SLIDE_SUFFIXES:
+            found.add(candidate)
+    if not found:
+        suffixes = ", ".join(SLIDE_SUFFIXES)
+        raise SlideError(path, f"no slide files found in this directory (looked for {suffixes})")
+    return sorted(found)
