@@ -82,3 +82,25 @@ def run(slide: Path, mpp: float | None, out: Path, as_json: bool) -> None:
 def run_shortcut() -> None:
     """Entry point of the ``wsi-run`` console script."""
     run.main(prog_name="wsi-run")
+
+
+@wsi.command()
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--size",
+    nargs=2,
+    type=click.IntRange(min=256),
+    default=(8000, 6000),
+    show_default=True,
+    help="Level-0 width and height in pixels.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--mpp", type=float, default=0.25, show_default=True, help="Level-0 microns per pixel."
+)
+def synth(out: Path, size: tuple[int, int], seed: int, mpp: float) -> None:
+    """Write a synthetic bone-marrow aspirate slide OUT (Aperio SVS) and OUT.cells.csv."""
+    from wsi_pipeline.synth import write_synthetic_slide
+
+    truth = write_synthetic_slide(out, size=size, seed=seed, mpp=mpp)
+    click.echo(f"wrote {out} and {truth}")
