@@ -13,6 +13,7 @@ message is one line naming the file and the problem.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -411,3 +412,27 @@ def find_slides(path: str | Path) -> list[Path]:
         suffixes = ", ".join(SLIDE_SUFFIXES)
         raise SlideError(path, f"no slide files found in this directory (looked for {suffixes})")
     return sorted(found)
+
+
+def slide_stem(path: str | Path) -> str:
+    """Name of a slide without its suffix (``x.ome.tiff`` -> ``x``); names its outputs."""
+    path = Path(path)
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.is_file() or path.suffix.lower() in SLIDE_SUFFIXES else name
+
+
+def slide_checksum(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a slide file, or of the sorted files of a slide folder (DICOM, MRXS data)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as stream:
+            while block := stream.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

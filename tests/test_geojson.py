@@ -1,0 +1,106 @@
+"""The QuPath export: parse the file and check every rule of QuPath's GeoJSON reader."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+import uuid
+
+import numpy as np
+import pytest
+
+from wsi_pipeline.geojson import UNCERTAIN_CLASS, hex_to_rgb, write_geojson
+from wsi_pipeline.taxonomy import cell_class
+
+CODES = ("BLA", "EBO", "NGS")
+COLORS = {code: hex_to_rgb(cell_class(code).colour) for code in CODES}
+REGION = [np.array([[0, 0], [5000, 0], [5000, 4000], [0, 4000]], dtype=float)]
+
+
+def cell_batches(n_batches: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    angle = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+    circle = np.stack([np.cos(angle), np.sin(angle)], axis=1) * 24
+    for _ in range(n_batches):
+        probabilities = rng.dirichlet(np.ones(len(CODES)), n).astype(np.float32)
+        centres = rng.uniform(100, 3900, (n, 1, 2))
+        yield {
+            "contour": (circle[None] + centres).astype(np.float32),
+            "top_class": probabilities.argmax(1).astype(np.int16),
+            "confidence": probabilities.max(1),
+            "probabilities": probabilities,
+            "area_um2": np.full(n, 113.1, np.float32),
+        }
+
+
+@pytest.mark.parametrize("name", ["demo.geojson", "demo.geojson.gz"])
+def test_every_feature_follows_qupath_rules(tmp_path, name):
+    path = write_geojson(
+        tmp_path / name, cell_batches(3, 40), CODES, COLORS, region=REGION, threshold=0.5
+    )
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as stream:
+        document = json.load(stream)
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+    assert document["type"] == "FeatureCollection"
+    features = document["features"]
+    assert len(features) == 1 + 120
+    ids = set()
+    for feature in features:
+        assert feature["type"] == "Feature"
+        assert str(uuid.UUID(feature["id"])) == feature["id"]
+        ids.add(feature["id"])
+        assert "objectType" not in feature  # it belongs inside properties
+        props = feature["properties"]
+        klass = props["classification"]
+        assert isinstance(klass["name"], str)
+        assert len(klass["color"]) == 3 and all(0 <= c <= 255 for c in klass["color"])
+        rings = (
+            [feature["geometry"]["coordinates"]]
+            if feature["geometry"]["type"] == "Polygon"
+            else feature["geometry"]["coordinates"]
+        )
+        for polygon in rings:
+            for ring in polygon:
+                assert len(ring) >= 4 and ring[0] == ring[-1]
+    assert len(ids) == len(features)
+
+    region, *cells = features
+    assert region["properties"]["objectType"] == "annotation"
+    assert region["geometry"]["coordinates"][0][2] == [5000.0, 4000.0]
+    for feature in cells:
+        props = feature["properties"]
+        assert props["objectType"] == "detection"
+        assert feature["geometry"]["type"] == "Polygon"
+        assert len(feature["geometry"]["coordinates"][0]) == 33
+        measurements = props["measurements"]
+        assert isinstance(measurements, dict)
+        assert all(isinstance(v, float) for v in measurements.values())
+        assert set(measurements) == {"Confidence", "Area µm^2"} | {
+            f"Probability {c}" for c in CODES
+        }
+        name = props["classification"]["name"]
+        if measurements["Confidence"] < 0.5:
+            assert name == UNCERTAIN_CLASS
+        else:
+            best = max(CODES, key=lambda c: measurements[f"Probability {c}"])
+            assert name == best and props["classification"]["color"] == list(COLORS[best])
+
+
+def test_memory_does_not_grow_with_the_cell_count(tmp_path):
+    def peak(n_batches: int) -> int:
+        tracemalloc.start()
+        write_geojson(tmp_path / "m.geojson", cell_batches(n_batches, 500), CODES, COLORS)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(1), peak(8)
+    assert large < 1.5 * small  # 8x the cells, about the same peak: features are streamed
+
+
+def test_missing_colour_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no colour for classes NGS"):
+        write_geojson(tmp_path / "x.geojson", [], CODES, {"BLA": (1, 2, 3), "EBO": (1, 2, 3)})
+    assert not any(tmp_path.iterdir())

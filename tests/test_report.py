@@ -1,0 +1,76 @@
+"""The HTML report is self-contained and says plainly when there is no differential."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+
+from wsi_pipeline.counts import differential
+from wsi_pipeline.report import write_report
+from wsi_pipeline.taxonomy import codes
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _render(tmp_path, result, **kwargs):
+    path = write_report(
+        tmp_path / "demo.report.html",
+        result,
+        slide={"path": "/data/demo.svs", "mpp": 0.25},
+        classifier={"name": "synthetic-demo", "caveat": "Research model, not for diagnosis."},
+        parameters={"threshold": 0.5},
+        timings={"detect": 1.5},
+        **kwargs,
+    )
+    html = path.read_text(encoding="utf-8")
+    parser = _Collector()
+    parser.feed(html)
+    return path, html, parser.tags
+
+
+def test_report_is_self_contained(tmp_path):
+    top = np.repeat(["BLA", "NGS", "EBO"], [30, 400, 120])
+    card = [c for c in codes() if c != "PLM"]
+    result = differential(top, np.full(top.size, 0.9), card)
+    thumbnail = np.full((40, 60, 3), 230, np.uint8)
+    mosaic = np.zeros((20, 30, 3), np.uint8)
+    path, html, tags = _render(
+        tmp_path,
+        result,
+        thumbnail=thumbnail,
+        thumbnail_scale=0.01,
+        region=[np.array([[100, 100], [5000, 100], [5000, 3000]])],
+        mosaics={"gradcam": {"BLA": mosaic}, "smoothgrad": {"BLA": mosaic}},
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    table = [a for t, a in tags if t == "table"]
+    assert table[0]["id"] == "differential"
+    assert any(t == "svg" and a.get("id") == "chart" for t, a in tags)
+    assert sum(t == "polygon" for t, _ in tags) == 1
+    images = [a.get("src") or a.get("href") for t, a in tags if t in ("img", "image")]
+    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert not any(t in ("script", "link") for t, _ in tags)
+    assert not re.search(r"""(src|href)=["']https?:""", html)  # nothing fetched from a network
+    assert "Research model, not for diagnosis." in html
+    assert "BLA Blast" in html and "not assessable" in html
+    row = re.search(r"<tr[^>]*><td>[^<]*<span[^>]*></span>BLA Blast</td>(.*?)</tr>", html).group(1)
+    assert ">30<" in row and f"{100 * 30 / 550:.1f}" in row
+    assert "No white cells" not in html
+
+
+def test_report_says_plainly_when_there_are_no_white_cells(tmp_path):
+    result = differential([], [], codes())
+    _, html, tags = _render(tmp_path, result)
+    assert any(a.get("id") == "no-white-cells" for _, a in tags)
+    assert "No white cells found" in html
+    assert not any(a.get("id") == "chart" for _, a in tags)
+    assert any(a.get("id") == "differential" for _, a in tags)

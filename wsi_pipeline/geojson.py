@@ -1,0 +1,182 @@
+"""Stream classified cells to a GeoJSON FeatureCollection that QuPath 0.4-0.6 imports.
+
+QuPath's reader (``PathObjectTypeAdapters`` in qupath-core) takes, per Feature:
+
+* ``id``: a UUID string (from v0.4; v0.2 stored the object type there instead);
+* ``geometry``: coordinates in full-resolution pixels, origin top-left (our level-0 pixels);
+* ``properties.objectType``: ``"detection"``, ``"annotation"``, ``"cell"``... (inside
+  ``properties``, not at the top level);
+* ``properties.classification``: ``{"name": str, "color": [r, g, b]}``;
+* ``properties.measurements``: a JSON object of name to number (from v0.4; a list before).
+
+Each cell becomes a ``detection`` with its contour as a closed Polygon ring; the counted region
+becomes one ``annotation``. The file is written feature by feature from an iterator of cell
+batches, so memory does not grow with the number of cells, to a temporary name then renamed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "UNCERTAIN_CLASS",
+    "UNCERTAIN_COLOR",
+    "REGION_CLASS",
+    "REGION_COLOR",
+    "hex_to_rgb",
+    "write_geojson",
+]
+
+UNCERTAIN_CLASS = "Uncertain"
+UNCERTAIN_COLOR = (160, 160, 160)
+REGION_CLASS = "Counted region"
+REGION_COLOR = (0, 160, 255)
+_DECIMALS = 2  # level-0 pixel coordinates to 1/100 px: far below any contour's accuracy
+
+RGB = tuple[int, int, int]
+
+
+def hex_to_rgb(colour: str) -> RGB:
+    """``"#rrggbb"`` to ``(r, g, b)`` integers."""
+    value = colour.lstrip("#")
+    if len(value) != 6:
+        raise ValueError(f"expected a colour as #rrggbb, got {colour!r}")
+    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
+
+
+def _closed_rings(contours: NDArray[np.floating]) -> list[list[list[float]]]:
+    """``(n, K, 2)`` contours to rounded, closed rings (first vertex repeated at the end)."""
+    rings = np.round(np.asarray(contours, dtype=np.float64), _DECIMALS).tolist()
+    return [ring if ring[0] == ring[-1] else ring + ring[:1] for ring in rings]
+
+
+def _feature(geometry: dict[str, Any], properties: dict[str, Any]) -> str:
+    feature = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry}
+    return json.dumps(feature | {"properties": properties}, allow_nan=False)
+
+
+def _cell_features(
+    batch: Mapping[str, NDArray],
+    class_codes: Sequence[str],
+    colors: Mapping[str, RGB],
+    threshold: float,
+) -> Iterable[str]:
+    probabilities = np.asarray(batch["probabilities"], dtype=np.float64)
+    names = [f"Probability {code}" for code in class_codes]
+    for ring, top, confidence, area, probs in zip(
+        _closed_rings(batch["contour"]),
+        np.asarray(batch["top_class"]).tolist(),
+        np.asarray(batch["confidence"], dtype=np.float64).tolist(),
+        np.asarray(batch["area_um2"], dtype=np.float64).tolist(),
+        np.round(probabilities, 5).tolist(),
+        strict=True,
+    ):
+        code = class_codes[top] if confidence >= threshold else UNCERTAIN_CLASS
+        color = colors[code] if code != UNCERTAIN_CLASS else UNCERTAIN_COLOR
+        measurements = {"Confidence": round(confidence, 5), "Area µm^2": round(area, 3)}
+        measurements |= dict(zip(names, probs, strict=True))
+        yield _feature(
+            {"type": "Polygon", "coordinates": [ring]},
+            {
+                "objectType": "detection",
+                "classification": {"name": code, "color": list(color)},
+                "measurements": measurements,
+            },
+        )
+
+
+def _region_feature(region: Sequence[NDArray[np.floating]]) -> str:
+    polygons = [_closed_rings(np.asarray(ring)[None]) for ring in region]
+    geometry = (
+        {"type": "Polygon", "coordinates": polygons[0]}
+        if len(polygons) == 1
+        else {"type": "MultiPolygon", "coordinates": polygons}
+    )
+    return _feature(
+        geometry,
+        {
+            "objectType": "annotation",
+            "name": REGION_CLASS,
+            "classification": {"name": REGION_CLASS, "color": list(REGION_COLOR)},
+            "isLocked": True,
+        },
+    )
+
+
+def _open_text(path: Path, compress: bool) -> IO[str]:
+    if compress:  # level 6: nearly the size of level 9 at a fraction of the time
+        return gzip.open(path, "wt", encoding="utf-8", compresslevel=6)
+    return open(path, "w", encoding="utf-8")
+
+
+@contextmanager
+def _atomic_text(path: Path) -> Iterator[IO[str]]:
+    """A text stream to a temporary file beside ``path``, renamed to ``path`` on success."""
+    temp = path.with_name(f".{path.name}.partial")
+    try:
+        with _open_text(temp, compress=path.suffix == ".gz") as stream:
+            yield stream
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_geojson(
+    path: str | Path,
+    batches: Iterable[Mapping[str, NDArray]],
+    class_codes: Sequence[str],
+    colors: Mapping[str, RGB],
+    *,
+    region: Sequence[NDArray[np.floating]] = (),
+    threshold: float = 0.0,
+) -> Path:
+    """Write cells (and the counted region) as a QuPath-importable FeatureCollection.
+
+    Parameters
+    ----------
+    path : path
+        Output file; a name ending in ``.gz`` (``.geojson.gz``) is gzip-compressed.
+    batches : iterable of mapping
+        Batches of the cell table with at least ``contour`` (n, K, 2), ``top_class`` (n,),
+        ``confidence`` (n,), ``probabilities`` (n, C) and ``area_um2`` (n,); level-0 pixels.
+    class_codes : sequence of str
+        The card's classes in probability order.
+    colors : mapping of str to (r, g, b)
+        Display colour of each class code.
+    region : sequence of (K, 2) arrays, optional
+        Outer rings of the counted region in level-0 pixels: one annotation (a Polygon, or a
+        MultiPolygon for several rings).
+    threshold : float
+        Cells whose confidence is under it are classified ``"Uncertain"`` (grey), as in the
+        differential; their probabilities stay in the measurements.
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(path)
+    missing = set(class_codes) - set(colors)
+    if missing:
+        raise ValueError(f"no colour for classes {', '.join(sorted(missing))}")
+    with _atomic_text(path) as stream:
+        stream.write('{"type": "FeatureCollection", "features": [\n')
+        separator = ""
+        if len(region):
+            stream.write(_region_feature(region))
+            separator = ",\n"
+        for batch in batches:
+            for feature in _cell_features(batch, class_codes, colors, threshold):
+                stream.write(separator + feature)
+                separator = ",\n"
+        stream.write("\n]}\n")
+    return path
