@@ -13,6 +13,13 @@ import click
 
 from wsi_pipeline import __version__
 from wsi_pipeline.errors import InputError
+from wsi_pipeline.options import (
+    DEFAULT_CELLS_PER_CLASS,
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    REGION_CHOICES,
+    SALIENCY_METHODS,
+    RunOptions,
+)
 
 EXIT_BAD_INPUT = 2
 
@@ -44,8 +51,40 @@ def wsi() -> None:
     """Differential cell counts of bone-marrow aspirate whole-slide images."""
 
 
+def _saliency_methods(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    methods = () if value == "none" else tuple(m.strip() for m in value.split(",") if m.strip())
+    unknown = set(methods) - set(SALIENCY_METHODS)
+    if unknown:
+        raise click.BadParameter(f"unknown method {', '.join(sorted(unknown))}; use {SALIENCY}")
+    return methods
+
+
+def _cells_per_class(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise click.BadParameter(f"expected a whole number or 'all', got {value!r}")
+    return int(value)
+
+
+SALIENCY = ",".join(SALIENCY_METHODS)
+
+
 @wsi.command()
 @click.argument("slide", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("wsi-output"),
+    show_default=True,
+    help="Folder for <slide-stem>.zarr, .geojson and .report.html.",
+)
+@click.option(
+    "--classifier",
+    default="default",
+    show_default=True,
+    help="Classifier card: a name from classifiers/ or a path to a .toml card.",
+)
 @click.option(
     "--mpp",
     type=float,
@@ -54,29 +93,105 @@ def wsi() -> None:
     help="Level-0 microns per pixel, for slides that do not record it (or record it wrongly).",
 )
 @click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("wsi-output"),
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
     show_default=True,
-    help="Folder for the results: <slide-stem>.zarr, .geojson and .report.html.",
+    help="Where the classifier runs; auto uses a GPU when one is present.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the slide information as JSON.")
-def run(slide: Path, mpp: float | None, out: Path, as_json: bool) -> None:
-    """Count the white cells of SLIDE (a slide file, DICOM folder or directory of slides)."""
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    show_default="64 on CPU, from free memory on a GPU",
+    help="Crops per classifier forward pass.",
+)
+@click.option(
+    "--saliency",
+    default=SALIENCY,
+    show_default=True,
+    callback=_saliency_methods,
+    help="Saliency methods, comma-separated, or 'none'.",
+)
+@click.option(
+    "--saliency-cells",
+    default=str(DEFAULT_CELLS_PER_CLASS),
+    show_default=True,
+    callback=_cells_per_class,
+    help="Most confident cells explained per class, or 'all'.",
+)
+@click.option(
+    "--region",
+    type=click.Choice(sorted(REGION_CHOICES)),
+    default="monolayer",
+    show_default=True,
+    help="Count in monolayer tiles only (as a haematologist does) or in all of the smear.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_CONFIDENCE_THRESHOLD,
+    show_default=True,
+    help="Cells below this top-class probability are counted as uncertain, not assigned.",
+)
+@click.option(
+    "--tta",
+    type=click.IntRange(0, 8),
+    default=0,
+    show_default=True,
+    help="Test-time augmentation: number of flips/90-degree rotations averaged (0 = none).",
+)
+@click.option("--gzip", "gzip_geojson", is_flag=True, help="Write <slide-stem>.geojson.gz.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(slide: Path, out: Path, mpp: float | None, quiet: bool, **settings) -> None:
+    """Count the white cells of SLIDE: a slide file, a DICOM folder or a folder of slides.
+
+    Writes OUT/<slide-stem>.zarr (cells, crops, saliency, the differential), a QuPath GeoJSON
+    and an HTML report per slide.
+    """
     from wsi_pipeline.slide import find_slides, open_slide
 
-    for path in find_slides(slide):
+    options = RunOptions(mpp=mpp, **settings)
+    for number, path in enumerate(find_slides(slide)):
         with open_slide(path, mpp=mpp) as opened:
-            info = opened.info
-            opened.mpp  # noqa: B018 - a slide without a pixel size cannot be counted
-        if as_json:
-            click.echo(json.dumps(info.as_dict()))
-        else:
-            width, height = info.dimensions
-            click.echo(
-                f"{path}: {info.vendor} ({info.backend}), {width} x {height} px, "
-                f"{len(info.level_dimensions)} levels, {info.mpp:.4g} µm/px from {info.mpp_source}"
-            )
+            opened.mpp  # noqa: B018 - refuse a slide without a pixel size before any work
+            # Deferred: torch and timm take seconds to import, and bad input should fail fast.
+            from wsi_pipeline.cards import load_card
+            from wsi_pipeline.pipeline import run_slide
+
+            if number == 0:
+                card = load_card(options.classifier)
+                click.echo(f"{card.name}: {card.caveat}", err=True)
+            outcome = run_slide(opened, out, options, progress=not quiet)
+        click.echo(_run_summary(path, outcome))
+
+
+def _run_summary(path: Path, outcome) -> str:
+    """Short closing table: cells counted, the differential by group, where outputs are."""
+    result = outcome.differential
+    lines = [f"{path}: {result.total_cells} white cells, {result.countable} countable"]
+    if result.no_white_cells:
+        lines.append("  no white cells found: no differential")
+    for row in result.groups:
+        if row.count:
+            lines.append(f"  {row.key:<16}{row.count:>6}  {row.percent:5.1f} %")
+    blasts = result.blast_percent
+    lines.append(f"  blasts {'not assessable' if blasts is None else f'{blasts:.1f} %'}")
+    lines.append(f"  M:E {'n/a' if result.me_ratio is None else f'{result.me_ratio:.2f}'}")
+    lines += [f"  warning: {w}" for w in result.warnings]
+    lines += [f"  {name}: {getattr(outcome, name)}" for name in ("store", "geojson", "report")]
+    return "\n".join(lines)
+
+
+@wsi.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(store: Path, as_json: bool) -> None:
+    """Summarise a result STORE (<slide-stem>.zarr)."""
+    from wsi_pipeline.store import format_summary, read_summary
+
+    summary = read_summary(store)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def run_shortcut() -> None:

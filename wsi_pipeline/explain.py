@@ -34,7 +34,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage.draw import polygon2mask
 
 __all__ = [
-    "DEFAULT_CELLS_PER_CLASS",
     "SMOOTHGRAD_SAMPLES",
     "SMOOTHGRAD_SIGMA",
     "gradcam",
@@ -48,7 +47,6 @@ __all__ = [
     "class_mosaics",
 ]
 
-DEFAULT_CELLS_PER_CLASS = 16
 SMOOTHGRAD_SAMPLES = 25
 SMOOTHGRAD_SIGMA = 0.15
 IMAGENET_HALF = (0.5, 0.5, 0.5)

@@ -22,6 +22,7 @@ import zarr
 from numpy.typing import NDArray
 
 from wsi_pipeline import __version__
+from wsi_pipeline.cells import CONTOUR_VERTICES
 from wsi_pipeline.counts import Differential
 from wsi_pipeline.errors import InputError
 
@@ -39,7 +40,6 @@ __all__ = [
 
 FORMAT = "wsi-pipeline-result"
 FORMAT_VERSION = 1
-CONTOUR_VERTICES = 32
 CELL_CHUNK = 65_536
 CROP_CHUNK = 64
 SALIENCY_METHODS = ("gradcam", "smoothgrad")

@@ -1,0 +1,189 @@
+"""`wsi-run` end to end: the differential against ground truth, every output, kills and reruns."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+from skimage.measure import points_in_poly
+
+from wsi_pipeline.cards import load_card
+from wsi_pipeline.options import RunOptions
+from wsi_pipeline.pipeline import run_slide
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.store import read_summary
+from wsi_pipeline.synth import write_synthetic_slide
+
+BIN = Path(sys.executable).parent
+FAST = RunOptions(classifier="synthetic-demo", saliency_cells=4, device="cpu")
+
+
+def needs_weights(name: str) -> None:
+    if not load_card(name).weights:
+        pytest.skip(f"classifier card {name!r} has no trained weights yet")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """A synthetic smear with a seed the synthetic-demo classifier never saw."""
+    path = tmp_path_factory.mktemp("slides") / "marrow-101.svs"
+    write_synthetic_slide(path, size=(6000, 4000), seed=101)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(synthetic, tmp_path_factory):
+    needs_weights("synthetic-demo")
+    out = tmp_path_factory.mktemp("out")
+    with open_slide(synthetic) as slide:
+        return run_slide(slide, out, FAST, progress=False), out
+
+
+def ground_truth(slide: Path, rings: list) -> dict[str, int]:
+    with open(slide.with_suffix(".cells.csv")) as stream:
+        rows = list(csv.DictReader(stream))
+    xy = np.array([(float(r["x"]), float(r["y"])) for r in rows])
+    inside = np.zeros(len(rows), dtype=bool)
+    for ring in rings:
+        inside |= points_in_poly(xy, np.asarray(ring))
+    counts: dict[str, int] = {}
+    for row, keep in zip(rows, inside, strict=True):
+        if keep:
+            counts[row["class"]] = counts.get(row["class"], 0) + 1
+    return counts
+
+
+def test_differential_matches_ground_truth_within_two_points(synthetic, synthetic_run):
+    run, _ = synthetic_run
+    root = zarr.open_group(run.store, mode="r")
+    truth = ground_truth(synthetic, root.attrs["region"]["rings"])
+    total = sum(truth.values())
+    assert total > 150
+    result = run.differential
+    assert result.uncertain <= 0.05 * result.total_cells
+    for row in result.classes:
+        if row.assessable:
+            expected = 100 * truth.get(row.key, 0) / total
+            assert row.percent == pytest.approx(expected, abs=2.0), row.key
+
+
+def test_store_holds_every_part(synthetic_run):
+    run, out = synthetic_run
+    root = zarr.open_group(run.store, mode="r")
+    attrs = root.attrs.asdict()
+    assert attrs["status"] == "complete"
+    n = attrs["n_cells"]
+    assert n == root["cells/id"].shape[0] == root["crops"].shape[0] > 0
+    assert root["crops"].shape[1:] == (96, 96, 3)
+    assert root["cells/probabilities"].shape == (n, len(attrs["class_codes"]))
+    assert root["cells/contour"].shape == (n, 32, 2)
+    np.testing.assert_allclose(root["cells/probabilities"][:].sum(1), 1, atol=1e-4)
+    m = root["saliency/cell_index"].shape[0]
+    assert 0 < m <= 4 * len(attrs["class_codes"])
+    for method in ("gradcam", "smoothgrad"):
+        assert root[f"saliency/{method}"].shape == (m, 96, 96)
+        assert len(root[f"mosaics/{method}"]) > 0
+    assert len(list((out / "marrow-101.mosaics").glob("*.png"))) == 2 * len(root["mosaics/gradcam"])
+    assert set(attrs["timings"]) >= {"open", "plan", "detect", "classify", "explain", "report"}
+    assert attrs["slide"]["sha256"] and attrs["classifier"]["weights"]["sha256"]
+
+
+def test_geojson_and_report_beside_the_store(synthetic_run):
+    run, _ = synthetic_run
+    features = json.loads(run.geojson.read_text())["features"]
+    kinds = [f["properties"]["objectType"] for f in features]
+    assert kinds.count("annotation") == 1
+    assert kinds.count("detection") == read_summary(run.store)["n_cells"]
+    page = run.report.read_text()
+    assert 'id="differential"' in page and "synthetic-demo" in page
+
+
+def test_inspect_prints_the_summary_as_json(synthetic_run):
+    run, _ = synthetic_run
+    shown = subprocess.run(
+        [BIN / "wsi", "inspect", run.store, "--json"], capture_output=True, text=True, check=True
+    )
+    summary = json.loads(shown.stdout)
+    assert summary["status"] == "complete"
+    assert summary["classifier"]["name"] == "synthetic-demo"
+    counts = summary["counts"]
+    for key in ("classes", "groups", "me_ratio", "blast_percent", "flags"):
+        assert key in counts
+    assert "detect" in summary["timings"]
+
+
+def test_killed_run_leaves_no_complete_store_and_rerun_completes(synthetic, tmp_path):
+    needs_weights("synthetic-demo")
+    out = tmp_path / "out"
+    command = [BIN / "wsi-run", synthetic, "--out", out, "--classifier", "synthetic-demo"]
+    command.append("--quiet")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / ".marrow-101.zarr.partial" / "cells" / "id"
+    deadline = time.monotonic() + 300
+    while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "marrow-101.zarr").exists()
+
+    subprocess.run([*command, "--saliency", "none"], check=True, capture_output=True)
+    assert read_summary(out / "marrow-101.zarr")["status"] == "complete"
+    assert not (out / ".marrow-101.zarr.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "mpp"),
+    [("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.25)],
+)
+def test_real_he_slides_complete_and_say_what_they_found(shared_data, tmp_path, name, mpp):
+    needs_weights("default")
+    args = [BIN / "wsi-run", shared_data / "slides" / name, "--out", tmp_path, "--quiet", "--gzip"]
+    done = subprocess.run(
+        [*args, *(["--mpp", str(mpp)] if mpp else [])], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    stem = name.removesuffix(".svs")
+    summary = read_summary(tmp_path / f"{stem}.zarr")
+    counts = summary["counts"]
+    assert counts["blast_percent"] is None  # the default card has no blast class
+    assert any("not assessable" in flag for flag in counts["flags"])
+    if counts["countable"] < 500:
+        assert any("500" in warning for warning in counts["warnings"])
+    with gzip.open(tmp_path / f"{stem}.geojson.gz", "rt") as stream:
+        assert json.load(stream)["type"] == "FeatureCollection"
+    page = (tmp_path / f"{stem}.report.html").read_text()
+    assert 'id="differential"' in page
+
+
+def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium not installed (make test installs Debian's chromium)")
+    run, _ = synthetic_run
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600",
+    ]  # fmt: skip
+    url = run.report.resolve().as_uri()
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert '<table id="differential"' in dom
+    assert "Blast" in dom and "synthetic-demo" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1600, 1200)
+    assert pixels.std() > 10  # text, table and images, not a blank page
