@@ -1,0 +1,146 @@
+"""White-cell detection: real BCCD smears, synthetic slides, tile borders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from wsi_pipeline.cells import (
+    CONTOUR_VERTICES,
+    CellTable,
+    DetectParams,
+    detect_cells,
+    learn_threshold,
+    nuclear_stain,
+    slide_threshold,
+)
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.synth import CLASS_MIX, write_synthetic_slide
+from wsi_pipeline.tiles import plan_tiles
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bccd_module():
+    spec = importlib.util.spec_from_file_location("bccd", REPO / "benchmarks" / "bccd_detection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synth") / "s.svs"
+    csv = write_synthetic_slide(path, size=(3000, 2000), seed=3)
+    rows = np.genfromtxt(csv, delimiter=",", names=True, dtype=None, encoding="utf-8")
+    return path, rows
+
+
+def test_bccd_recall_and_precision(shared_data):
+    bccd = _bccd_module()
+    result = bccd.evaluate(shared_data / "bccd", DetectParams())
+    print(json.dumps({k: result[k] for k in ("recall", "precision", "wbc_boxes")}))
+    assert result["images"] == 292
+    assert result["recall"] >= 0.98
+    assert result["precision"] >= 0.97
+
+
+def test_nuclear_stain_separates_nuclei_from_red_cells_and_glass():
+    purple, pink, glass = (140, 126, 210), (222, 150, 155), (243, 241, 246)
+    stain = nuclear_stain(np.array([[purple, pink, glass]], dtype=np.uint8))[0]
+    assert stain[0] > stain[2] + 0.3 > stain[1] + 0.3
+
+
+def test_blank_image_has_no_cells():
+    glass = np.full((400, 400, 3), (243, 241, 246), dtype=np.uint8)
+    assert len(detect_cells(glass, 0.25)) == 0
+    assert learn_threshold(nuclear_stain(glass)) == DetectParams().min_threshold
+
+
+def test_one_synthetic_cell_found_where_it_is(synthetic):
+    path, rows = synthetic
+    cell = rows[np.argmax(rows["diameter_um"] > 9)]
+    with open_slide(path) as slide:
+        x0, y0 = int(cell["x"]) - 100, int(cell["y"]) - 100
+        rgb = slide.read_region((x0, y0), (200, 200))
+        cells = detect_cells(rgb, slide.mpp, origin=(x0, y0))
+    distance = np.hypot(cells.x - cell["x"], cells.y - cell["y"]) * 0.25
+    assert distance.min() < cell["diameter_um"] / 2
+    nearest = int(np.argmin(distance))
+    x_a, y_a, x_b, y_b = cells.bbox[nearest]
+    assert x_a <= cells.x[nearest] < x_b and y_a <= cells.y[nearest] < y_b
+    contour = cells.contour[nearest]
+    assert contour.shape == (CONTOUR_VERTICES, 2) and contour.dtype == np.float32
+    assert 15 <= cells.area_um2[nearest] <= 400 and 0 <= cells.score[nearest] < 1
+
+
+def _detect_tiled(rgb: np.ndarray, mpp: float, tile_size: int, overlap_um: float) -> CellTable:
+    """Detect over an in-memory image tile by tile, keeping each cell in its owning tile."""
+    height, width = rgb.shape[:2]
+    tables = []
+    for tile in plan_tiles((width, height), mpp, mpp, tile_size, overlap_um):
+        found = detect_cells(rgb[tile.y0 : tile.y1, tile.x0 : tile.x1], mpp, tile.origin)
+        tables.append(found.select(tile.owns(found.x, found.y)))
+    return CellTable.concat(tables)
+
+
+def test_cells_on_tile_borders_are_counted_once(synthetic):
+    path, rows = synthetic
+    lymphocyte = rows[rows["class"] == "LYT"][0] if np.any(rows["class"] == "LYT") else rows[0]
+    with open_slide(path) as slide:
+        patch = slide.read_region((int(lymphocyte["x"]) - 40, int(lymphocyte["y"]) - 40), (80, 80))
+    mpp, tile_size, overlap_um = 0.25, 400, 30.0
+    tiles = plan_tiles((1400, 1400), mpp, mpp, tile_size, overlap_um)
+    canvas = np.full((1400, 1400, 3), (243, 241, 246), dtype=np.uint8)
+    # Paste the cell with its centre exactly on core borders and corners.
+    borders = sorted({t.core_x0 for t in tiles} - {0})
+    centres = [(bx, 200) for bx in borders] + [(bx, by) for bx in borders for by in borders]
+    centres = [(x, y) for x, y in centres if 40 <= x <= 1360 and 40 <= y <= 1360]
+    centres = [
+        c
+        for i, c in enumerate(centres)
+        if all(np.hypot(c[0] - d[0], c[1] - d[1]) >= 100 for d in centres[:i])
+    ]
+    for x, y in centres:
+        canvas[y - 40 : y + 40, x - 40 : x + 40] = patch
+    cells = _detect_tiled(canvas, mpp, tile_size, overlap_um)
+    truth = np.array(centres, dtype=float)
+    distance = np.hypot(truth[:, None, 0] - cells.x[None], truth[:, None, 1] - cells.y[None])
+    assert len(cells) == len(centres)
+    assert np.all((distance < 20).sum(axis=1) == 1)
+
+
+def _synthetic_scores(folder: Path, seed: int) -> tuple[np.ndarray, float, float]:
+    """Ground-truth classes, recall and precision of tiled detection on one small slide."""
+    csv = write_synthetic_slide(folder / f"s{seed}.svs", size=(3000, 2000), seed=seed)
+    truth = np.genfromtxt(csv, delimiter=",", names=True, dtype=None, encoding="utf-8")
+    with open_slide(folder / f"s{seed}.svs") as slide:
+        mpp = 1 / 3
+        tiles = plan_tiles(slide.info.dimensions, slide.mpp, mpp, 1024, 32.0)
+        images = [slide.read_region(t.origin, t.read_size, mpp) for t in tiles]
+        params = DetectParams(threshold=slide_threshold(images, mpp))
+        found = []
+        for tile, rgb in zip(tiles, images, strict=True):
+            cells = detect_cells(rgb, mpp, tile.origin, params, slide.mpp)
+            found.append(cells.select(tile.owns(cells.x, cells.y)))
+    cells = CellTable.concat(found)
+    distance = np.hypot(truth["x"][:, None] - cells.x, truth["y"][:, None] - cells.y) * 0.25
+    within = distance <= truth["diameter_um"][:, None] / 2
+    rows, cols = linear_sum_assignment(np.where(within, distance, 1e9))
+    matched = within[rows, cols].sum()
+    return truth["class"], matched / len(truth), matched / len(cells)
+
+
+def test_synthetic_recall_and_precision(tmp_path):
+    scores = {seed: _synthetic_scores(tmp_path, seed) for seed in (0, 1, 2)}
+    print({seed: (round(r, 4), round(p, 4)) for seed, (_, r, p) in scores.items()})
+    classes = set(np.concatenate([c for c, _, _ in scores.values()]))
+    assert classes == set(CLASS_MIX)
+    for _, recall, precision in scores.values():
+        assert recall >= 0.97
+        assert precision >= 0.97

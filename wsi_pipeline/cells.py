@@ -1,0 +1,515 @@
+"""White-cell detection on May-Grünwald-Giemsa smears.
+
+The detector unmixes each pixel's optical density into chromatin purple, basophilic blue and
+red-cell pink (:func:`nuclear_stain`) and keeps the first: glass and red cells are near zero,
+blue cytoplasm does not join a neighbour's nucleus, and eosinophil granules are strongly negative.
+
+Steps, on blocks of whole pixels near ``work_mpp`` (0.6 µm/px by default):
+
+1. the nuclear channel, block-averaged, thresholded at a level learned per slide
+   (:func:`slide_threshold`) or from the image itself; strongly negative (granular) areas are
+   kept too, so eosinophils are found by their granules;
+2. pieces smaller than a platelet's nuclear area are dropped (platelets, granules, precipitate);
+3. a morphological closing groups the lobes of segmented neutrophils into one cell;
+4. only blobs larger than one big nucleus go through a watershed on their own distance
+   transform, which splits touching cells at clear necks;
+5. size limits in µm² reject debris; a region too small to be sure of (an erythroblast's or
+   lymphocyte's dense nucleus looks as large as a platelet clump) is kept only when it holds a
+   solid chromatin core, a window ``core_um`` wide whose mean red optical density reaches
+   ``core_red_od``: granular platelets and scattered precipitate never fill such a window.
+
+Per-cell measures use labelled-image reductions, and outlines are cast as rays from each centre,
+so no step loops over cells in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage as ndi
+from skimage import morphology, segmentation
+
+__all__ = [
+    "CONTOUR_VERTICES",
+    "CellTable",
+    "DetectParams",
+    "detect_cells",
+    "learn_threshold",
+    "nuclear_stain",
+    "resample_ring",
+    "slide_threshold",
+]
+
+FloatArray = NDArray[np.float64]
+
+#: Vertices of every cell contour (the result store keeps the same fixed number).
+CONTOUR_VERTICES = 32
+
+#: Colours that one layer of each stain gives on glass: chromatin, basophilic cytoplasm, red cell.
+NUCLEUS_RGB = (120.0, 70.0, 150.0)
+BASOPHILIC_RGB = (70.0, 100.0, 180.0)
+RED_CELL_RGB = (222.0, 150.0, 155.0)
+#: Least ratio of red to green optical density of chromatin (red cells: about 0.2).
+PURPLE_RED_TO_GREEN = 0.35
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Parameters of :func:`detect_cells`; physical sizes in µm and µm².
+
+    Attributes
+    ----------
+    work_mpp : float
+        Microns per pixel at which cells are found (crops are taken at full resolution).
+    threshold : float or None
+        Nuclear-stain optical-density threshold; ``None`` learns it from the image.
+    noise_sigmas : float
+        Robust standard deviations of the background between its median and the threshold.
+    min_threshold : float
+        Lower bound of a learned threshold (nuclear-stain optical density).
+    smooth_um : float
+        Gaussian sigma applied to the nuclear channel.
+    group_um : float
+        Radius of the closing that joins the lobes of one nucleus.
+    min_piece_um2 : float
+        Stained pieces smaller than this are platelets, granules or precipitate.
+    min_area_um2, max_area_um2 : float
+        Accepted area of a cell's stained region.
+    solid_area_um2 : float
+        Regions smaller than this (small dense nuclei such as erythroblasts', but also platelet
+        clumps of up to four platelets and precipitate) must hold a solid chromatin core.
+        Real lymphocyte nuclei of 20-30 µm² may stain too pale for the core test, so the limit
+        stays below them.
+    core_um : float
+        Side of the square window over which a solid core is measured.
+    core_red_od : float
+        Least red optical density, averaged over that window, of a solid core.
+    split_radius_um : float
+        Smallest nuclear half-width that seeds its own cell in the watershed.
+    split_depth_um : float
+        How much narrower than both nuclei a neck must be to split there.
+    split_area_um2 : float
+        Only blobs larger than this go through the watershed.
+    granule_factor : float
+        Granular (eosinophil) areas unmix below ``-granule_factor * threshold``.
+    """
+
+    work_mpp: float = 0.6
+    threshold: float | None = None
+    noise_sigmas: float = 5.0
+    min_threshold: float = 0.5
+    smooth_um: float = 0.25
+    group_um: float = 1.5
+    min_piece_um2: float = 6.0
+    min_area_um2: float = 8.0
+    max_area_um2: float = 600.0
+    solid_area_um2: float = 20.0
+    core_um: float = 1.4
+    core_red_od: float = 1.1
+    split_radius_um: float = 2.2
+    split_depth_um: float = 1.0
+    split_area_um2: float = 150.0
+    granule_factor: float = 2.0
+
+    @property
+    def max_diameter_um(self) -> float:
+        """Diameter of a round cell of ``max_area_um2``: the least useful tile overlap."""
+        return 2.0 * float(np.sqrt(self.max_area_um2 / np.pi))
+
+
+@dataclass
+class CellTable:
+    """Detected cells as columns; coordinates in level-0 pixels.
+
+    Attributes
+    ----------
+    x, y : ndarray of float64, shape (N,)
+        Centre of each cell.
+    bbox : ndarray of int64, shape (N, 4)
+        ``(x0, y0, x1, y1)``, half-open.
+    contour : ndarray of float32, shape (N, CONTOUR_VERTICES, 2)
+        Closed outline of each cell as ``(x, y)`` vertices, evenly spaced along its length
+        (the last vertex connects back to the first).
+    area_um2 : ndarray of float64, shape (N,)
+        Area of the stained region of the cell.
+    score : ndarray of float64, shape (N,)
+        Detection score in ``[0, 1)``: stain contrast above the threshold.
+    tile_id : ndarray of int64, shape (N,)
+        Tile that counted the cell, -1 until assigned.
+    """
+
+    x: FloatArray = field(default_factory=lambda: np.zeros(0))
+    y: FloatArray = field(default_factory=lambda: np.zeros(0))
+    bbox: NDArray[np.int64] = field(default_factory=lambda: np.zeros((0, 4), dtype=np.int64))
+    contour: NDArray[np.float32] = field(
+        default_factory=lambda: np.zeros((0, CONTOUR_VERTICES, 2), dtype=np.float32)
+    )
+    area_um2: FloatArray = field(default_factory=lambda: np.zeros(0))
+    score: FloatArray = field(default_factory=lambda: np.zeros(0))
+    tile_id: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def select(self, keep: NDArray[np.bool_] | NDArray[np.integer]) -> CellTable:
+        """Rows chosen by a boolean mask or an index array."""
+        index = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep)
+        return CellTable(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @classmethod
+    def concat(cls, tables: Iterable[CellTable]) -> CellTable:
+        """One table holding the rows of all ``tables`` in order."""
+        tables = list(tables)
+        if not tables:
+            return cls()
+        return cls(
+            **{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(cls)}
+        )
+
+
+def _unmixing_row() -> NDArray[np.float64]:
+    """Row of the inverse stain matrix that gives the amount of nuclear stain."""
+    stains = np.array([_od_of(NUCLEUS_RGB), _od_of(BASOPHILIC_RGB), _od_of(RED_CELL_RGB)])
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    return np.linalg.inv(stains.T)[0]
+
+
+def _od_of(rgb: tuple[float, float, float]) -> FloatArray:
+    return -np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / 256.0)
+
+
+_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
+
+#: Per-channel lookup tables: the nuclear stain of a pixel is the sum of its three entries.
+_NUCLEAR_LUT = (
+    _unmixing_row()[:, None] * -np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)
+).astype(np.float32)
+
+
+def nuclear_stain(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """Amount of nuclear (chromatin-purple) stain per pixel, by colour unmixing.
+
+    The optical density of each pixel is unmixed into three stains: the purple of chromatin,
+    the blue of basophilic cytoplasm and the pink of red cells (eosin). Only the first is
+    returned, so red cells and glass are near zero, the blue cytoplasm of a neighbouring cell
+    does not join a nucleus, and the orange granules of eosinophils are strongly negative.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+
+    Returns
+    -------
+    ndarray of float32, shape (H, W)
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+    lut = _NUCLEAR_LUT
+    stain = lut[0][rgb[..., 0]] + lut[1][rgb[..., 1]] + lut[2][rgb[..., 2]]
+    # Where stacked red cells saturate green and blue, unmixing fails; chromatin also absorbs
+    # red strongly, red cells hardly at all.
+    red, green = _OD_LUT[rgb[..., 0]], _OD_LUT[rgb[..., 1]]
+    stain[(stain > 0) & (red < PURPLE_RED_TO_GREEN * green)] = 0.0
+    return stain
+
+
+def learn_threshold(stain: NDArray[np.floating], params: DetectParams = DetectParams()) -> float:
+    """Learn the nuclear-stain threshold from the channel values of one slide.
+
+    Unmixing puts glass and red cells, the bulk of the pixels, near zero whatever the
+    brightness of the slide; their spread (a robust standard deviation) measures how well the
+    stain vectors fit it. The threshold lies ``noise_sigmas`` spreads above that background, and
+    never below ``min_threshold``, the faintest chromatin of a pale blast.
+
+    Parameters
+    ----------
+    stain : ndarray of float
+        Nuclear-stain values (:func:`nuclear_stain`) pooled over the slide or a sample of it.
+    params : DetectParams
+        ``noise_sigmas`` and ``min_threshold`` are used.
+
+    Returns
+    -------
+    float
+    """
+    values = np.asarray(stain, dtype=np.float64).ravel()
+    median = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    return max(params.min_threshold, median + params.noise_sigmas * spread)
+
+
+def slide_threshold(
+    samples: Sequence[NDArray[np.uint8]], mpp: float, params: DetectParams = DetectParams()
+) -> float:
+    """Learn one slide's nuclear-stain threshold from sample images of it.
+
+    Parameters
+    ----------
+    samples : sequence of ndarray of uint8, shape (H, W, 3)
+        RGB images spread over the counted region, e.g. a few tiles.
+    mpp : float
+        Microns per pixel of the samples.
+    params : DetectParams
+
+    Returns
+    -------
+    float
+        The threshold to pass as ``DetectParams(threshold=...)`` to :func:`detect_cells`.
+    """
+    if not samples:
+        return params.min_threshold
+    stains = [_work_stain(rgb, mpp, params).ravel() for rgb in samples]
+    return learn_threshold(np.concatenate(stains), params)
+
+
+def resample_ring(ring: NDArray[np.floating], n: int = CONTOUR_VERTICES) -> NDArray[np.float32]:
+    """Resample a closed polygon to ``n`` vertices evenly spaced along its perimeter.
+
+    Parameters
+    ----------
+    ring : ndarray of float, shape (K, 2)
+        Polygon vertices in order; a repeated closing vertex is allowed.
+    n : int
+        Number of output vertices.
+
+    Returns
+    -------
+    ndarray of float32, shape (n, 2)
+    """
+    ring = np.asarray(ring, dtype=np.float64)
+    closed = np.vstack([ring, ring[:1]])
+    step = np.hypot(*np.diff(closed, axis=0).T)
+    length = np.concatenate([[0.0], np.cumsum(step)])
+    if length[-1] == 0:
+        return np.repeat(ring[:1], n, axis=0).astype(np.float32)
+    at = np.arange(n) * (length[-1] / n)
+    return np.column_stack([np.interp(at, length, closed[:, k]) for k in range(2)]).astype(
+        np.float32
+    )
+
+
+def _work_stain(rgb: NDArray[np.uint8], mpp: float, params: DetectParams) -> NDArray[np.float32]:
+    """Nuclear stain averaged over blocks of whole pixels near ``work_mpp``, lightly smoothed.
+
+    The block side is :func:`_block` pixels; the image is padded at its far edges by
+    repetition so every pixel falls in a block.
+    """
+    f = _block(mpp, params)
+    stain = _block_mean(nuclear_stain(rgb), f)
+    sigma = params.smooth_um / (f * mpp)
+    return ndi.gaussian_filter(stain, sigma) if sigma >= 0.3 else stain
+
+
+def _block(mpp: float, params: DetectParams) -> int:
+    """Side, in image pixels, of one working pixel."""
+    return max(1, round(params.work_mpp / mpp))
+
+
+def _disk(radius_um: float, mpp: float) -> NDArray[np.uint8]:
+    return morphology.disk(max(1, round(radius_um / mpp)))
+
+
+def _cell_mask(stain: NDArray[np.float32], threshold: float, px_um: float, params: DetectParams):
+    """Where white cells are: grouped nuclear pieces plus eosinophils' granular bodies."""
+    px_um2 = px_um**2
+    nuclear = morphology.remove_small_objects(
+        stain > threshold, max_size=int(params.min_piece_um2 / px_um2)
+    )
+    # Eosinophil granules unmix to strongly negative nuclear stain and hide the small lobes.
+    granular = morphology.remove_small_objects(
+        stain < -params.granule_factor * threshold, max_size=int(params.min_piece_um2 / px_um2)
+    )
+    grouped = ndi.binary_closing(nuclear | granular, _disk(params.group_um, px_um))
+    return ndi.binary_fill_holes(grouped)
+
+
+def _split(blob: NDArray[np.bool_], px_um: float, params: DetectParams) -> tuple[NDArray, int]:
+    """Watershed of one connected blob into cells; returns the local labels and their count.
+
+    Every maximum of the (smoothed) distance map at least ``split_radius_um`` from the edge and
+    ``split_depth_um`` above the neck that joins it to the next one seeds its own cell.
+    """
+    padded = np.pad(blob, 1)
+    distance = ndi.gaussian_filter(ndi.distance_transform_edt(padded), 0.5 / px_um)
+    seeds = morphology.h_maxima(distance, params.split_depth_um / px_um)
+    seeds &= distance >= params.split_radius_um / px_um
+    markers, count = ndi.label(seeds)
+    if count < 2:
+        return blob.astype(np.int32), 1
+    parts = segmentation.watershed(-distance, markers, mask=padded)
+    return parts[1:-1, 1:-1], count
+
+
+def _label_cells(mask: NDArray[np.bool_], px_um: float, params: DetectParams) -> NDArray[np.int32]:
+    """One label per candidate cell: connected blobs, large ones split by :func:`_split`."""
+    blobs, count = ndi.label(mask)
+    if count == 0:
+        return blobs
+    areas = np.bincount(blobs.ravel(), minlength=count + 1) * px_um**2
+    labels = blobs.astype(np.int32)
+    boxes = ndi.find_objects(blobs)
+    last = count
+    for k in np.flatnonzero(areas[1:] > params.split_area_um2) + 1:
+        box = boxes[k - 1]
+        blob = blobs[box] == k
+        parts, n = _split(blob, px_um, params)
+        if n > 1:
+            labels[box][blob] = np.where(parts[blob] > 1, parts[blob] + last - 1, k)
+            last += n - 1
+    return labels
+
+
+def _block_mean(image: NDArray, f: int) -> NDArray[np.float32]:
+    """Mean over ``f`` x ``f`` blocks, padding the far edges by repetition."""
+    if f == 1:
+        return image.astype(np.float32, copy=False)
+    pad = [(0, -n % f) for n in image.shape]
+    image = np.pad(image, pad, mode="edge")
+    h, w = image.shape[0] // f, image.shape[1] // f
+    return image.reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _core_density(rgb: NDArray[np.uint8], f: int, px_um: float, params: DetectParams):
+    """Red optical density averaged over a ``core_um`` square window, at the working resolution.
+
+    Chromatin absorbs red light strongly; red cells, platelet granules and pale precipitate
+    hardly do, so only a solid piece of nucleus gives a high value over the whole window.
+    """
+    red = _block_mean(_OD_LUT[rgb[..., 0]], f)
+    return ndi.uniform_filter(red, max(1, round(params.core_um / px_um)))
+
+
+def _label_maximum(values: NDArray, labels: NDArray[np.int32], n: int) -> FloatArray:
+    """Largest value under each label 1..n; only labelled pixels are passed to ``ndi.maximum``,
+    which sorts its input, because cells cover a small part of a tile.
+    """
+    inside = labels > 0
+    return np.asarray(ndi.maximum(values[inside], labels[inside], np.arange(1, n + 1)))
+
+
+def _outlines(labels: NDArray[np.int32], centroids: FloatArray, reach: float) -> FloatArray:
+    """Star-shaped outline of each labelled cell: the farthest pixel of the cell along
+    ``CONTOUR_VERTICES`` rays from its centroid, as (N, CONTOUR_VERTICES, 2) (row, col).
+    """
+    angle = 2 * np.pi * np.arange(CONTOUR_VERTICES) / CONTOUR_VERTICES
+    steps = np.arange(0.0, reach + 1.0, 0.5)
+    ray = np.stack([-np.sin(angle)[:, None] * steps, np.cos(angle)[:, None] * steps], axis=-1)
+    points = centroids[:, None, None, :] + ray[None]  # (N, V, S, 2)
+    index = np.rint(points).astype(np.int64)
+    inside_image = np.all((index >= 0) & (index < labels.shape), axis=-1)
+    rows = np.clip(index[..., 0], 0, labels.shape[0] - 1)
+    cols = np.clip(index[..., 1], 0, labels.shape[1] - 1)
+    own = np.arange(1, len(centroids) + 1)[:, None, None]
+    inside = inside_image & (labels[rows, cols] == own)
+    # Index of the last step inside the cell; one half-step further is its edge.
+    last = len(steps) - 1 - np.argmax(inside[..., ::-1], axis=-1)
+    radius = np.where(inside.any(axis=-1), steps[last] + 0.5, 0.5)
+    return centroids[:, None, :] + ray[None, :, 1, :] / 0.5 * radius[..., None]
+
+
+def _accept(area_um2: FloatArray, core: FloatArray, params: DetectParams) -> NDArray[np.bool_]:
+    """Size limits, and a solid chromatin core for regions too small to be sure of."""
+    sized = (area_um2 >= params.min_area_um2) & (area_um2 <= params.max_area_um2)
+    solid = (area_um2 >= params.solid_area_um2) | (core >= params.core_red_od)
+    return sized & solid
+
+
+def detect_cells(
+    rgb: NDArray[np.uint8],
+    mpp: float,
+    origin: tuple[float, float] = (0.0, 0.0),
+    params: DetectParams = DetectParams(),
+    level0_mpp: float | None = None,
+) -> CellTable:
+    """Detect white cells in an RGB image of a smear.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        The image, e.g. a tile read at ``mpp``.
+    mpp : float
+        Microns per pixel of ``rgb``.
+    origin : tuple of float
+        Level-0 position ``(x, y)`` of the image's top-left corner.
+    params : DetectParams
+        Detector settings; set ``threshold`` to a slide-level value from :func:`slide_threshold`.
+    level0_mpp : float, optional
+        Microns per pixel of the slide's level 0; defaults to ``mpp``.
+
+    Returns
+    -------
+    CellTable
+        One row per cell, in level-0 pixels.
+    """
+    if mpp <= 0:
+        raise ValueError(f"microns per pixel must be positive, got {mpp}")
+    stain = _work_stain(rgb, mpp, params)
+    threshold = learn_threshold(stain, params) if params.threshold is None else params.threshold
+    f = _block(mpp, params)
+    px_um = f * mpp
+    labels = _label_cells(_cell_mask(stain, threshold, px_um, params), px_um, params)
+    index = np.arange(1, labels.max() + 1)
+    if len(index) == 0:
+        return CellTable()
+    area_um2 = ndi.sum_labels(np.ones_like(stain), labels, index) * px_um**2
+    core = _label_maximum(_core_density(rgb, f, px_um, params), labels, len(index))
+    keep = index[_accept(area_um2, core, params)]
+    # Renumber the kept cells 1..N and drop the rest.
+    lookup = np.zeros(len(index) + 1, dtype=np.int32)
+    lookup[keep] = np.arange(1, len(keep) + 1)
+    labels = lookup[labels]
+    return _table(
+        labels,
+        stain,
+        threshold,
+        np.array(origin[::-1], dtype=float),
+        f * mpp,
+        mpp,
+        level0_mpp or mpp,
+        params,
+    )
+
+
+def _table(
+    labels: NDArray[np.int32],
+    stain: NDArray[np.float32],
+    threshold: float,
+    offset: FloatArray,
+    px_um: float,
+    mpp: float,
+    level0_mpp: float,
+    params: DetectParams,
+) -> CellTable:
+    """Level-0 :class:`CellTable` of the labelled cells; ``offset`` is the image origin (y, x)."""
+    n = int(labels.max())
+    if n == 0:
+        return CellTable()
+    index = np.arange(1, n + 1)
+    centroids = np.array(ndi.center_of_mass(np.ones_like(stain), labels, index)).reshape(n, 2)
+    boxes = np.array(
+        [[b.start for b in box] + [b.stop for b in box] for box in ndi.find_objects(labels)],
+        dtype=float,
+    )
+    reach = float(np.hypot(*(boxes[:, 2:] - boxes[:, :2]).T).max())
+    outline = _outlines(labels, centroids, reach)
+    mean_stain = ndi.mean(np.abs(stain), labels, index)
+    scale = px_um / level0_mpp  # level-0 pixels per working pixel
+
+    def to_level0(rc: FloatArray) -> FloatArray:
+        return offset + (rc + 0.5) * scale - 0.5
+
+    centres = to_level0(centroids)
+    top_left = np.floor(offset + boxes[:, :2] * scale)
+    bottom_right = np.ceil(offset + boxes[:, 2:] * scale)
+    return CellTable(
+        x=centres[:, 1],
+        y=centres[:, 0],
+        bbox=np.column_stack([top_left[:, ::-1], bottom_right[:, ::-1]]).astype(np.int64),
+        contour=to_level0(outline)[..., ::-1].astype(np.float32),
+        area_um2=np.bincount(labels.ravel(), minlength=n + 1)[1:] * px_um**2,
+        score=1.0 - threshold / np.maximum(mean_stain, threshold),
+        tile_id=np.full(n, -1, dtype=np.int64),
+    )
