@@ -6,12 +6,14 @@ exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import click
 
 from wsi_pipeline import __version__
+from wsi_pipeline.cluster import DEFAULT_WORKFLOW
 from wsi_pipeline.errors import InputError
 from wsi_pipeline.options import (
     DEFAULT_CELLS_PER_CLASS,
@@ -142,28 +144,88 @@ SALIENCY = ",".join(SALIENCY_METHODS)
     help="Test-time augmentation: number of flips/90-degree rotations averaged (0 = none).",
 )
 @click.option("--gzip", "gzip_geojson", is_flag=True, help="Write <slide-stem>.geojson.gz.")
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="tcp://HOST:PORT",
+    help="Run on an existing Dask cluster.",
+)
+@click.option(
+    "--workflow",
+    default=None,
+    show_default="local-cpu for a folder; in-process for one slide",
+    help="Cluster spec: a name from workflows/ (local-cpu, gpu-node, slurm) or a .toml path.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(slide: Path, out: Path, mpp: float | None, quiet: bool, **settings) -> None:
+def run(
+    slide: Path,
+    out: Path,
+    mpp: float | None,
+    scheduler: str | None,
+    workflow: str | None,
+    quiet: bool,
+    **settings,
+) -> None:
     """Count the white cells of SLIDE: a slide file, a DICOM folder or a folder of slides.
 
     Writes OUT/<slide-stem>.zarr (cells, crops, saliency, the differential), a QuPath GeoJSON
-    and an HTML report per slide.
+    and an HTML report per slide. A folder of slides runs on a Dask cluster (a local one unless
+    --scheduler or --workflow says otherwise) and adds OUT/cohort.csv and OUT/cohort.parquet.
     """
-    from wsi_pipeline.slide import find_slides, open_slide
+    from wsi_pipeline.slide import find_slides
 
     options = RunOptions(mpp=mpp, **settings)
-    for number, path in enumerate(find_slides(slide)):
-        with open_slide(path, mpp=mpp) as opened:
-            opened.mpp  # noqa: B018 - refuse a slide without a pixel size before any work
-            # Deferred: torch and timm take seconds to import, and bad input should fail fast.
-            from wsi_pipeline.cards import load_card
-            from wsi_pipeline.pipeline import run_slide
+    slides = find_slides(slide)
+    if scheduler or workflow or slides != [slide]:
+        _run_on_cluster(slides, out, options, scheduler, workflow or DEFAULT_WORKFLOW)
+    else:
+        _run_in_process(slide, out, options, quiet)
 
-            if number == 0:
-                card = load_card(options.classifier)
-                click.echo(f"{card.name}: {card.caveat}", err=True)
-            outcome = run_slide(opened, out, options, progress=not quiet)
-        click.echo(_run_summary(path, outcome))
+
+def _announce_caveat(options: RunOptions) -> None:
+    # Deferred: torch and timm take seconds to import, and bad input should fail fast.
+    from wsi_pipeline.cards import load_card
+
+    card = load_card(options.classifier)
+    click.echo(f"{card.name}: {card.caveat}", err=True)
+
+
+def _run_in_process(path: Path, out: Path, options: RunOptions, quiet: bool) -> None:
+    from wsi_pipeline.slide import open_slide
+
+    with open_slide(path, mpp=options.mpp) as opened:
+        opened.mpp  # noqa: B018 - refuse a slide without a pixel size before any work
+        _announce_caveat(options)
+        from wsi_pipeline.pipeline import run_slide
+
+        outcome = run_slide(opened, out, options, progress=not quiet)
+    click.echo(_run_summary(path, outcome))
+
+
+def _run_on_cluster(
+    slides: list[Path], out: Path, options: RunOptions, scheduler: str | None, workflow: str
+) -> None:
+    from wsi_pipeline.cluster import dask_client, load_workflow
+
+    spec = load_workflow(workflow)
+    _announce_caveat(options)
+    from wsi_pipeline.cohort import run_cohort, write_cohort_table
+
+    if options.device == "auto":
+        options = dataclasses.replace(options, device=spec.device)
+    rows = []
+    with dask_client(spec, scheduler) as client:
+        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+        for row in run_cohort(slides, out, options, client):
+            rows.append(row)
+            detail = row["reason"] or f"{row.get('cells', 0)} cells"
+            click.echo(f"[{len(rows)}/{len(slides)}] {row['slide']}: {row['status']} ({detail})")
+            write_cohort_table(rows, out)
+    csv_path, _ = write_cohort_table(rows, out)
+    failed = [r for r in rows if r["status"] == "failed"]
+    click.echo(f"{len(rows) - len(failed)} of {len(rows)} slides counted; table: {csv_path}")
+    if failed:
+        raise _BadInput(f"{len(failed)} of {len(rows)} slides failed; reasons in {csv_path}")
 
 
 def _run_summary(path: Path, outcome) -> str:

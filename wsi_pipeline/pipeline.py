@@ -24,7 +24,12 @@ from tqdm import tqdm
 
 from wsi_pipeline import explain
 from wsi_pipeline.cards import ClassifierCard, load_card
-from wsi_pipeline.cells import DetectParams, detect_cells, learn_threshold, nuclear_stain
+from wsi_pipeline.cells import (
+    CONTOUR_VERTICES,
+    DetectParams,
+    detect_cells,
+    slide_threshold,
+)
 from wsi_pipeline.classify import Classifier, get_classifier
 from wsi_pipeline.counts import Differential, differential
 from wsi_pipeline.crops import crop_from_array
@@ -33,13 +38,14 @@ from wsi_pipeline.options import REGION_CHOICES, RunOptions
 from wsi_pipeline.regions import CLASSES as REGION_CLASSES
 from wsi_pipeline.regions import score_regions
 from wsi_pipeline.report import write_report
-from wsi_pipeline.slide import Slide, slide_checksum
+from wsi_pipeline.slide import Slide, slide_checksum, slide_stem
 from wsi_pipeline.store import ResultWriter
 from wsi_pipeline.tiles import Tile, plan_tiles
 
 REGION_MPP = 4.0  # thumbnail resolution for finding the countable smear: red cells ~2 px
 TILE_SIZE = 1024  # tile side in pixels at the classifier's resolution
 THRESHOLD_SAMPLE_TILES = 8  # tiles pooled to learn a slide's nuclear-stain threshold
+REPORT_THUMBNAIL_PX = 1600  # longest side of the overview drawn in the report
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,37 +53,45 @@ R = TypeVar("R")
 
 @dataclass
 class SlidePlan:
-    """Where one slide is counted.
+    """Where and how one slide is counted: everything the later stages need, as plain data.
 
     Attributes
     ----------
+    stem : str
+        Names the outputs.
+    attrs : dict
+        Provenance recorded in the store: slide (with SHA-256), classifier, parameters, region.
     tiles : list of Tile
         Tiles to count in, at the classifier's resolution.
-    tile_classes : dict of str to int
-        Number of tiles of the whole grid in each countability class.
     region : list of (K, 2) float arrays
         Outer rings of the counted region, level-0 pixels.
     thumbnail : (h, w, 3) uint8
-        The slide at :data:`REGION_MPP`.
-    thumbnail_mpp : float
+        Overview of the slide for the report, at most :data:`REPORT_THUMBNAIL_PX` a side.
+    thumbnail_scale : float
+        Thumbnail pixels per level-0 pixel.
     threshold : float
         The slide's nuclear-stain threshold for detection.
+    timings : dict of str to float
+        Seconds spent opening and planning.
     """
 
+    stem: str
+    attrs: dict[str, Any]
     tiles: list[Tile]
-    tile_classes: dict[str, int]
     region: list[NDArray[np.float64]]
     thumbnail: NDArray[np.uint8]
-    thumbnail_mpp: float
+    thumbnail_scale: float
     threshold: float
+    timings: dict[str, float]
 
 
 @dataclass
 class TileCells:
-    """Cells counted in one tile: the cell-table columns and their crops."""
+    """A batch of cells: cell-table columns, their crops and the seconds spent on them per stage."""
 
     columns: dict[str, NDArray]
     crops: NDArray[np.uint8]
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -85,9 +99,14 @@ class TileCells:
     @classmethod
     def concat(cls, parts: list[TileCells]) -> TileCells:
         names = parts[0].columns
+        seconds: dict[str, float] = {}
+        for part in parts:
+            for stage, value in part.seconds.items():
+                seconds[stage] = seconds.get(stage, 0.0) + value
         return cls(
             {name: np.concatenate([p.columns[name] for p in parts]) for name in names},
             np.concatenate([p.crops for p in parts]),
+            seconds,
         )
 
 
@@ -124,72 +143,124 @@ def _signed_area(ring: NDArray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
-def plan_slide(slide: Slide, card: ClassifierCard, options: RunOptions) -> SlidePlan:
-    """Score the smear, lay out tiles at the card's resolution and learn the stain threshold."""
-    thumbnail = slide.thumbnail(REGION_MPP)
-    regions = score_regions(thumbnail, REGION_MPP)
-    overlap_um = max(card.model.fov_um, DetectParams().max_diameter_um)
-    grid = plan_tiles(slide.info.dimensions, slide.mpp, card.mpp, TILE_SIZE, overlap_um)
-    classes = [regions.classify(tile)[0] for tile in grid]
-    wanted = REGION_CHOICES[options.region]
-    tiles = [tile for tile, c in zip(grid, classes, strict=True) if c in wanted]
-    scale = slide.mpp / REGION_MPP
+def plan_slide(
+    slide: Slide, card: ClassifierCard, options: RunOptions, checksum: str | None = None
+) -> SlidePlan:
+    """Checksum the slide (unless given), score the smear, lay out tiles at the card's
+    resolution and learn the slide's stain threshold."""
+    timings: dict[str, float] = {}
+    stage = _stage_timer(timings)
+    with stage("open"):
+        checksum = checksum or slide_checksum(slide.info.path)
+    with stage("plan"):
+        thumbnail = slide.thumbnail(REGION_MPP)
+        regions = score_regions(thumbnail, REGION_MPP)
+        overlap_um = max(card.model.fov_um, DetectParams().max_diameter_um)
+        grid = plan_tiles(slide.info.dimensions, slide.mpp, card.mpp, TILE_SIZE, overlap_um)
+        classes = [regions.classify(tile)[0] for tile in grid]
+        wanted = REGION_CHOICES[options.region]
+        tiles = [tile for tile, c in zip(grid, classes, strict=True) if c in wanted]
+        scale = slide.mpp / REGION_MPP
+        region = _region_rings(tiles, thumbnail.shape[:2], scale)
+        threshold = _slide_threshold(slide, tiles)
+        overview, shrink = _report_thumbnail(thumbnail)
+    attrs = {
+        "slide": {**slide.info.as_dict(), "sha256": checksum},
+        "classifier": {**card.to_dict(), "path": str(card.path)},
+        "parameters": options.as_dict(),
+        "region": {
+            "choice": options.region,
+            "tiles_counted": len(tiles),
+            "tile_classes": {c: classes.count(c) for c in REGION_CLASSES},
+            "rings": [np.round(ring, 1).tolist() for ring in region],
+        },
+    }
     return SlidePlan(
+        stem=slide_stem(slide.info.path),
+        attrs=attrs,
         tiles=tiles,
-        tile_classes={c: classes.count(c) for c in REGION_CLASSES},
-        region=_region_rings(tiles, thumbnail.shape[:2], scale),
-        thumbnail=thumbnail,
-        thumbnail_mpp=REGION_MPP,
-        threshold=_slide_threshold(slide, tiles),
+        region=region,
+        thumbnail=overview,
+        thumbnail_scale=scale * shrink,
+        threshold=threshold,
+        timings=timings,
     )
+
+
+def _report_thumbnail(thumbnail: NDArray[np.uint8]) -> tuple[NDArray[np.uint8], float]:
+    """The thumbnail shrunk to at most :data:`REPORT_THUMBNAIL_PX` a side, and the factor."""
+    shrink = min(1.0, REPORT_THUMBNAIL_PX / max(thumbnail.shape[:2]))
+    if shrink == 1.0:
+        return thumbnail, 1.0
+    height, width = (max(1, round(n * shrink)) for n in thumbnail.shape[:2])
+    image = Image.fromarray(thumbnail).resize((width, height), Image.BOX)
+    return np.asarray(image), shrink
 
 
 def _slide_threshold(slide: Slide, tiles: list[Tile]) -> float:
-    """Nuclear-stain threshold pooled over tiles spread evenly across the counted region."""
-    params = DetectParams()
+    """Nuclear-stain threshold learned from tiles spread evenly across the counted region."""
     if not tiles:
-        return params.min_threshold
+        return DetectParams().min_threshold
     picks = np.unique(np.linspace(0, len(tiles) - 1, THRESHOLD_SAMPLE_TILES).round().astype(int))
-    samples = []
-    for i in picks:
-        tile = tiles[i]
-        size = tuple(max(1, round(s * tile.mpp / params.work_mpp)) for s in tile.read_size)
-        samples.append(nuclear_stain(slide.read_region(tile.origin, size, params.work_mpp)).ravel())
-    return learn_threshold(np.concatenate(samples), params)
+    samples = [slide.read_region(tiles[i].origin, tiles[i].read_size, tiles[i].mpp) for i in picks]
+    return slide_threshold(samples, tiles[0].mpp)
 
 
-def detect_tile(slide: Slide, tile: Tile, card: ClassifierCard, threshold: float) -> TileCells:
-    """Read one tile, find its white cells, keep those it owns and crop them for the card."""
-    rgb = slide.read_region(tile.origin, tile.read_size, tile.mpp)
+def detect_tiles(
+    slide: Slide, tiles: Iterable[Tile], card: ClassifierCard, threshold: float
+) -> TileCells:
+    """Read tiles, find their white cells, keep those each tile owns and crop them for the card."""
+    start = time.perf_counter()
     params = DetectParams(threshold=threshold)
-    found = detect_cells(rgb, tile.mpp, tile.origin, params, level0_mpp=slide.mpp)
-    found = found.select(tile.owns(found.x, found.y))
-    centres = np.column_stack([found.x, found.y])
-    crops = crop_from_array(
-        rgb, tile.mpp, centres, tile.origin, slide.mpp, card.model.fov_um, card.model.input_size
-    )
+    size, fov = card.model.input_size, card.model.fov_um
+    parts = []
+    for tile in tiles:
+        rgb = slide.read_region(tile.origin, tile.read_size, tile.mpp)
+        found = detect_cells(rgb, tile.mpp, tile.origin, params, level0_mpp=slide.mpp)
+        found = found.select(tile.owns(found.x, found.y))
+        centres = np.column_stack([found.x, found.y])
+        columns = {
+            "x": found.x,
+            "y": found.y,
+            "bbox": found.bbox,
+            "contour": found.contour,
+            "area_um2": found.area_um2,
+            "tile_id": np.full(len(found), tile.id, dtype=np.int32),
+            "score": found.score,
+        }
+        crops = crop_from_array(rgb, tile.mpp, centres, tile.origin, slide.mpp, fov, size)
+        parts.append(TileCells(columns, crops))
+    cells = TileCells.concat(parts) if parts else _no_cells(size)
+    cells.seconds = {"detect": time.perf_counter() - start}
+    return cells
+
+
+def _no_cells(crop_size: int) -> TileCells:
     columns = {
-        "x": found.x,
-        "y": found.y,
-        "bbox": found.bbox,
-        "contour": found.contour,
-        "area_um2": found.area_um2,
-        "tile_id": np.full(len(found), tile.id, dtype=np.int32),
-        "score": found.score,
+        "x": np.zeros(0),
+        "y": np.zeros(0),
+        "bbox": np.zeros((0, 4), np.int64),
+        "contour": np.zeros((0, CONTOUR_VERTICES, 2), np.float32),
+        "area_um2": np.zeros(0, np.float32),
+        "tile_id": np.zeros(0, np.int32),
+        "score": np.zeros(0, np.float32),
     }
-    return TileCells(columns, crops)
+    return TileCells(columns, np.zeros((0, crop_size, crop_size, 3), np.uint8))
 
 
-def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> dict[str, NDArray]:
-    """Add ``probabilities``, ``top_class`` and ``confidence`` to a batch of cells."""
+def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> TileCells:
+    """The same cells with ``probabilities``, ``top_class`` and ``confidence`` added."""
+    start = time.perf_counter()
     probabilities = classifier.predict_proba(cells.crops, tta)
     top = probabilities.argmax(axis=1)
-    return {
+    columns = {
         **cells.columns,
         "probabilities": probabilities,
         "top_class": top.astype(np.int16),
         "confidence": probabilities[np.arange(len(top)), top],
     }
+    seconds = {**cells.seconds, "classify": time.perf_counter() - start}
+    return TileCells(columns, cells.crops, seconds)
 
 
 def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[R]:
@@ -204,14 +275,20 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterat
             yield future.result()
 
 
-def batched(parts: Iterable[TileCells], size: int) -> Iterator[TileCells]:
-    """Regroup per-tile cells into batches of at least ``size`` cells (the last may be smaller)."""
+def batched(
+    parts: Iterable[TileCells], size: int, on_part: Callable[[], Any] | None = None
+) -> Iterator[TileCells]:
+    """Regroup per-tile cells into batches of at least ``size`` cells (the last may be smaller).
+
+    ``on_part`` is called after each part is taken, e.g. to advance a progress bar.
+    """
     buffer: list[TileCells] = []
     held = 0
     for part in parts:
-        if len(part):
-            buffer.append(part)
-            held += len(part)
+        buffer.append(part)
+        held += len(part)
+        if on_part:
+            on_part()
         if held >= size:
             yield TileCells.concat(buffer)
             buffer, held = [], 0
@@ -282,67 +359,48 @@ def output_paths(out_dir: Path, stem: str, gzip_geojson: bool) -> dict[str, Path
     }
 
 
-def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool = True) -> SlideRun:
-    """Count the white cells of an open slide and write its store, GeoJSON and report.
+def write_outputs(
+    plan: SlidePlan,
+    batches: Iterable[TileCells],
+    classifier: Classifier,
+    options: RunOptions,
+    out_dir: Path,
+) -> SlideRun:
+    """Stream classified batches into the store, explain, count, and write every output.
+
+    The store is committed (``status`` complete) only after the GeoJSON and the report exist.
 
     Parameters
     ----------
-    slide : Slide
-        An open slide with a known microns per pixel.
-    out_dir : Path
-        Output folder.
+    plan : SlidePlan
+    batches : iterable of TileCells
+        Classified cells (see :func:`classify_cells`), in any grouping.
+    classifier : Classifier
+        For saliency (its first ensemble member).
     options : RunOptions
-    progress : bool
-        Show a progress bar per stage on stderr.
+    out_dir : Path
 
     Returns
     -------
     SlideRun
     """
-    timings: dict[str, float] = {}
+    card = classifier.card
+    timings = dict(plan.timings)
     stage = _stage_timer(timings)
-    stem = slide.info.path.name.split(".")[0] if slide.info.path.is_file() else slide.info.path.name
-    paths = output_paths(out_dir, stem, options.gzip_geojson)
-
-    with stage("open"):
-        card = load_card(options.classifier)
-        classifier = get_classifier(card.path, options.device, options.batch_size)
-        checksum = slide_checksum(slide.info.path)
-    with stage("plan"):
-        plan = plan_slide(slide, card, options)
-
-    attrs = {
-        "slide": {**slide.info.as_dict(), "sha256": checksum},
-        "classifier": {**card.to_dict(), "path": str(card.path)},
-        "parameters": options.as_dict(),
-        "region": {
-            "choice": options.region,
-            "tiles_counted": len(plan.tiles),
-            "tile_classes": plan.tile_classes,
-            "rings": [np.round(ring, 1).tolist() for ring in plan.region],
-        },
-    }
+    paths = output_paths(out_dir, plan.stem, options.gzip_geojson)
     chosen = _Explained(options.saliency_cells)
-    with ResultWriter(out_dir, stem, card.codes, card.model.input_size, attrs) as writer:
-        bar = tqdm(total=len(plan.tiles), desc="detect+classify", unit="tile", disable=not progress)
-        detected = prefetch(lambda t: detect_tile(slide, t, card, plan.threshold), plan.tiles)
-
-        def counted(parts: Iterator[TileCells]) -> Iterator[TileCells]:
-            for part in parts:
-                bar.update()
-                yield part
-
-        start = time.perf_counter()
-        for batch in batched(counted(detected), classifier.batch_size):
-            with stage("classify"):
-                cells = classify_cells(classifier, batch, options.tta)
-            first = writer.n_cells
-            cells["id"] = first + np.arange(len(batch), dtype=np.int64)
-            writer.append_cells(cells, batch.crops)
-            chosen.add(first, cells, batch.crops)
-            bar.set_postfix(cells=writer.n_cells)
-        bar.close()
-        timings["detect"] = time.perf_counter() - start - timings.get("classify", 0.0)
+    attrs = plan.attrs
+    with ResultWriter(out_dir, plan.stem, card.codes, card.model.input_size, attrs) as writer:
+        for batch in batches:
+            for name, seconds in batch.seconds.items():
+                timings[name] = timings.get(name, 0.0) + seconds
+            if not len(batch):
+                continue
+            with stage("write"):
+                first = writer.n_cells
+                cells = {**batch.columns, "id": first + np.arange(len(batch), dtype=np.int64)}
+                writer.append_cells(cells, batch.crops)
+                chosen.add(first, cells, batch.crops)
 
         with stage("explain"):
             maps = explain_cells(classifier, chosen, options.saliency)
@@ -377,15 +435,53 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
                 result,
                 slide=attrs["slide"],
                 classifier={"name": card.name, "caveat": card.caveat},
-                parameters=options.as_dict(),
+                parameters=attrs["parameters"],
                 timings=timings,
                 thumbnail=plan.thumbnail,
-                thumbnail_scale=slide.mpp / plan.thumbnail_mpp,
+                thumbnail_scale=plan.thumbnail_scale,
                 region=plan.region,
                 mosaics=mosaics,
             )
         store = writer.commit(timings)
     return SlideRun(store, paths["geojson"], paths["report"], paths["mosaics"], result, timings)
+
+
+def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool = True) -> SlideRun:
+    """Count the white cells of an open slide, in this process, and write every output.
+
+    Reading and detection run ahead of classification on a background thread.
+
+    Parameters
+    ----------
+    slide : Slide
+        An open slide with a known microns per pixel.
+    out_dir : Path
+        Output folder.
+    options : RunOptions
+    progress : bool
+        Show progress bars on stderr.
+
+    Returns
+    -------
+    SlideRun
+    """
+    card = load_card(options.classifier)
+    classifier = get_classifier(card.path, options.device, options.batch_size)
+    plan = plan_slide(slide, card, options)
+    bar = tqdm(total=len(plan.tiles), desc="detect+classify", unit="tile", disable=not progress)
+
+    def detect(tile: Tile) -> TileCells:
+        return detect_tiles(slide, [tile], card, plan.threshold)
+
+    def classified() -> Iterator[TileCells]:
+        counted = 0
+        for batch in batched(prefetch(detect, plan.tiles), classifier.batch_size, bar.update):
+            counted += len(batch)
+            bar.set_postfix(cells=counted)
+            yield classify_cells(classifier, batch, options.tta)
+        bar.close()
+
+    return write_outputs(plan, classified(), classifier, options, out_dir)
 
 
 def _write_mosaics(
