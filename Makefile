@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/wsi-run examples/example-marrow.svs --out demo-output
+	$(BIN)/wsi-run examples/example-marrow.svs --out demo-output --classifier synthetic-demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,7 +8,7 @@ from typing import Any
 from wsi_pipeline.counts import DEFAULT_CONFIDENCE_THRESHOLD
 
 SALIENCY_METHODS = ("gradcam", "smoothgrad")
-DEFAULT_CELLS_PER_CLASS = 16  # most confident cells explained per class
+DEFAULT_CELLS_PER_CLASS = 8  # most confident cells explained per class: one mosaic row
 #: --region choice -> countability classes of wsi_pipeline.regions counted in
 REGION_CHOICES = {"monolayer": ("monolayer",), "all": ("sparse", "monolayer", "thick")}
 
