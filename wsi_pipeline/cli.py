@@ -256,6 +256,97 @@ def inspect(store: Path, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+@wsi.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--card", required=True, help="Template card (name or .toml): model and classes.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Trained card to write; weights go beside it.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--snapshots",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Cosine cycles; more than 1 trains a snapshot ensemble (DeepHeme).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak AdamW rate.")
+@click.option(
+    "--mpp",
+    "source_mpp",
+    type=float,
+    default=None,
+    help="Microns per pixel of the images (omit for crops exported by the pipeline).",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Memoise decoded crops here.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of the resumable checkpoint.",
+)
+def train(data: Path, card: str, out: Path, workdir: str | None, **config) -> None:
+    """Train a classifier card on DATA, a folder of labelled crops (one folder per MLL code)."""
+    from wsi_pipeline.train import TrainConfig, train_classifier
+
+    result = train_classifier(data, card, out, TrainConfig(**config), workdir=workdir)
+    click.echo(f"wrote {result.card.path}")
+
+
+@wsi.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--classifier",
+    "classifiers",
+    multiple=True,
+    default=("default",),
+    show_default=True,
+    help="Card name or path; repeat to compare cards.",
+)
+@click.option(
+    "--mpp",
+    type=float,
+    default=None,
+    help="Microns per pixel of the images (omit for crops exported by the pipeline).",
+)
+@click.option(
+    "--subset",
+    type=click.Choice(["train", "val", "test"]),
+    default=None,
+    help="Score only that part of each card's own split.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write confusion matrices (CSV and PNG) here.",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--tta", type=click.IntRange(0, 8), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(folder: Path, as_json: bool, **settings) -> None:
+    """Per-class precision, recall and F1 of classifier cards on a labelled FOLDER."""
+    from wsi_pipeline.evaluate import evaluate_folder
+
+    scores = evaluate_folder(folder, **settings)
+    click.echo(json.dumps(scores, indent=2) if as_json else scores["comparison"])
+
+
 def run_shortcut() -> None:
     """Entry point of the ``wsi-run`` console script."""
     run.main(prog_name="wsi-run")
