@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -17,3 +18,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA}; see tests/README.md")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def untrained_card(tmp_path_factory) -> Path:
+    """A real classifier card with untrained weights, for tests about plumbing, not accuracy."""
+    from wsi_pipeline.cards import build_model, load_card, save_weights, write_card
+
+    folder = tmp_path_factory.mktemp("card")
+    base = load_card("synthetic-demo")
+    weights = save_weights(build_model(base), folder / "untrained.safetensors")
+    path = folder / "untrained.toml"
+    write_card(dataclasses.replace(base, name="untrained", path=path, weights=(weights,)), path)
+    return path

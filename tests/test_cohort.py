@@ -17,7 +17,6 @@ import psutil
 import pytest
 import zarr
 
-from wsi_pipeline.cards import build_model, load_card, save_weights, write_card
 from wsi_pipeline.cluster import dask_client, load_workflow
 from wsi_pipeline.cohort import run_cohort
 from wsi_pipeline.options import RunOptions
@@ -30,14 +29,9 @@ GOOD = ("smear-1", "smear-2", "smear-3")
 
 
 @pytest.fixture(scope="module")
-def card(tmp_path_factory) -> Path:
-    """An untrained but real classifier card: these tests are about scheduling, not accuracy."""
-    folder = tmp_path_factory.mktemp("card")
-    base = load_card("synthetic-demo")
-    weights = save_weights(build_model(base), folder / "untrained.safetensors")
-    path = folder / "untrained.toml"
-    write_card(dataclasses.replace(base, name="untrained", path=path, weights=(weights,)), path)
-    return path
+def card(untrained_card) -> Path:
+    """These tests are about scheduling, not accuracy."""
+    return untrained_card
 
 
 @pytest.fixture(scope="module")

@@ -123,10 +123,11 @@ def test_inspect_prints_the_summary_as_json(synthetic_run):
     assert "detect" in summary["timings"]
 
 
-def test_killed_run_leaves_no_complete_store_and_rerun_completes(synthetic, tmp_path):
-    needs_weights("synthetic-demo")
+def test_killed_run_leaves_no_complete_store_and_rerun_completes(
+    synthetic, untrained_card, tmp_path
+):
     out = tmp_path / "out"
-    command = [BIN / "wsi-run", synthetic, "--out", out, "--classifier", "synthetic-demo"]
+    command = [BIN / "wsi-run", synthetic, "--out", out, "--classifier", untrained_card]
     command.append("--quiet")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out / ".marrow-101.zarr.partial" / "cells" / "id"
