@@ -288,6 +288,20 @@ def inspect(store: Path, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Share of patients (or images) held out for validation.",
+)
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Share of patients (or images) held out for the test report.",
+)
+@click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
     default=None,
