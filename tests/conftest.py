@@ -16,7 +16,7 @@ SHARED_DATA = Path(os.environ.get("WSI_SHARED_DATA", REPO.parent / "shared" / "d
 def shared_data() -> Path:
     """``../shared/data`` (or ``$WSI_SHARED_DATA``): real slides, smears and cell images."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data not found at {SHARED_DATA}; see tests/README.md")
+        pytest.skip(f"real test data not found at {SHARED_DATA}; see README.md, Test data")
     return SHARED_DATA
 
 
