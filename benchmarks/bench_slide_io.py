@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-import tifffile
+from _measure import tifffile_region_reader
 
 from wsi_pipeline.slide import open_slide
 
@@ -73,31 +73,6 @@ def region_origins(size: int, count: int, seed: int = 0) -> list[tuple[int, int]
     return [tuple(int(v) for v in rng.integers(0, size - REGION, 2)) for _ in range(count)]
 
 
-def tifffile_reader(path: Path) -> tuple[Callable[[tuple[int, int]], np.ndarray], Callable]:
-    """A region reader that decodes level-0 JPEG tiles with tifffile and crops the mosaic."""
-    tif = tifffile.TiffFile(path)
-    page = tif.pages[0]
-    th, tw = page.tilelength, page.tilewidth
-    across = -(-page.imagewidth // tw)
-
-    def read(origin: tuple[int, int]) -> np.ndarray:
-        x, y = origin
-        cols = range(x // tw, (x + REGION - 1) // tw + 1)
-        rows = range(y // th, (y + REGION - 1) // th + 1)
-        mosaic = np.empty((len(rows) * th, len(cols) * tw, 3), dtype=np.uint8)
-        for i, row in enumerate(rows):
-            for j, col in enumerate(cols):
-                index = row * across + col
-                tif.filehandle.seek(page.dataoffsets[index])
-                raw = tif.filehandle.read(page.databytecounts[index])
-                tile = page.decode(raw, index, jpegtables=page.jpegtables)[0]
-                mosaic[i * th : (i + 1) * th, j * tw : (j + 1) * tw] = tile.reshape(th, tw, 3)
-        top, left = y - rows[0] * th, x - cols[0] * tw
-        return mosaic[top : top + REGION, left : left + REGION]
-
-    return read, tif.close
-
-
 def time_reader(read: Callable[[tuple[int, int]], np.ndarray], origins: list) -> float:
     """Megapixels per second of ``read`` over all ``origins``."""
     start = time.perf_counter()
@@ -117,7 +92,11 @@ def read_back(path: Path, size: int, count: int) -> dict:
         raw = time_reader(
             lambda o: np.asarray(osr.read_region(o, 0, (REGION, REGION)).convert("RGB")), origins
         )
-    read, close = tifffile_reader(path)
+    read_region, close = tifffile_region_reader(path)
+
+    def read(origin: tuple[int, int]) -> np.ndarray:
+        return read_region(origin, (REGION, REGION))
+
     try:
         tiles = time_reader(read, origins)
     finally:
