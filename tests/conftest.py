@@ -31,3 +31,20 @@ def untrained_card(tmp_path_factory) -> Path:
     path = folder / "untrained.toml"
     write_card(dataclasses.replace(base, name="untrained", path=path, weights=(weights,)), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_card_toml() -> str:
+    """A two-class compact CoAtNet card at 32 px, fast enough to train in a test."""
+    return """
+name = "tiny"
+[model]
+architecture = "coatnet_pico_rw_224"
+input_size = 32
+fov_um = 32.0
+cfg = { embed_dim = [16, 32, 32, 64], depths = [1, 1, 1, 1], stem_width = [8, 16] }
+[[classes]]
+code = "LYT"
+[[classes]]
+code = "NGS"
+"""

@@ -22,25 +22,11 @@ from wsi_pipeline.cards import (
     write_card,
 )
 
-TINY_CARD = """
-name = "tiny"
-[model]
-architecture = "coatnet_pico_rw_224"
-input_size = 32
-fov_um = 32.0
-cfg = { embed_dim = [16, 32, 32, 64], depths = [1, 1, 1, 1], stem_width = [8, 16] }
-[[classes]]
-code = "LYT"
-[[classes]]
-code = "NGS"
-colour = "#123456"
-"""
-
 
 @pytest.fixture
-def tiny_card(tmp_path):
+def tiny_card(tmp_path, tiny_card_toml):
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY_CARD)
+    path.write_text(tiny_card_toml + 'colour = "#123456"\n')  # overrides the taxonomy's NGS colour
     return load_card(path)
 
 

@@ -14,19 +14,6 @@ from wsi_pipeline.classify import Classifier
 from wsi_pipeline.errors import InputError
 from wsi_pipeline.train import TrainConfig, augment, lr_at, train_classifier
 
-TINY_CARD = """
-name = "tiny"
-[model]
-architecture = "coatnet_pico_rw_224"
-input_size = 32
-fov_um = 32.0
-cfg = { embed_dim = [16, 32, 32, 64], depths = [1, 1, 1, 1], stem_width = [8, 16] }
-[[classes]]
-code = "LYT"
-[[classes]]
-code = "NGS"
-"""
-
 
 def _disc_image(rng: np.random.Generator, colour: tuple[int, int, int]) -> np.ndarray:
     """A noisy 48-px image of a disc of one colour on a pale background."""
@@ -51,9 +38,9 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture
-def card_path(tmp_path):
+def card_path(tmp_path, tiny_card_toml):
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY_CARD)
+    path.write_text(tiny_card_toml)
     return path
 
 
@@ -103,9 +90,9 @@ def test_snapshot_ensemble_and_resume(folder, card_path, tmp_path):
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
-def test_missing_class_is_a_clear_error(folder, tmp_path):
+def test_missing_class_is_a_clear_error(folder, tmp_path, tiny_card_toml):
     card = tmp_path / "three.toml"
-    card.write_text(TINY_CARD + '[[classes]]\ncode = "BLA"\n')
+    card.write_text(tiny_card_toml + '[[classes]]\ncode = "BLA"\n')
     with pytest.raises(InputError, match="no images of BLA"):
         train_classifier(folder, card, tmp_path / "x.toml", CONFIG, workdir=tmp_path, log=str)
 
