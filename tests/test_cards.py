@@ -14,13 +14,13 @@ from wsi_pipeline.cards import (
     WeightsFile,
     build_model,
     dump_toml,
-    file_sha256,
     list_cards,
     load_card,
     load_state_dicts,
     save_weights,
     write_card,
 )
+from wsi_pipeline.slide import file_sha256
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from timm.models import maxxvit
 
 from wsi_pipeline.errors import InputError
 from wsi_pipeline.resources import data_path
+from wsi_pipeline.slide import file_sha256
 from wsi_pipeline.taxonomy import CellClass, cell_class, codes
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "card_path",
     "classifiers_dir",
     "dump_toml",
-    "file_sha256",
     "list_cards",
     "load_card",
     "load_state_dicts",
@@ -292,15 +291,6 @@ def _maxxvit_cfg(spec: ModelSpec) -> maxxvit.MaxxVitCfg:
         raise KeyError(f"cfg overrides need a timm CoAtNet/MaxViT name, got {spec.architecture!r}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.cfg.items()}
     return dataclasses.replace(maxxvit.model_cfgs[variant], **overrides)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_state_dicts(card: ClassifierCard) -> list[dict[str, torch.Tensor]]:

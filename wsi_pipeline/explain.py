@@ -171,7 +171,8 @@ def gradcam(
     targets = np.asarray(target_classes, dtype=np.int64)
     out = np.zeros(crops.shape[:3], dtype=np.float32)
     device = _device(model)
-    with _RawGradCAM(model, [gradcam_layer(model, stage)]) as cam:
+    # Gradients are needed even when the caller runs under torch.no_grad().
+    with torch.enable_grad(), _RawGradCAM(model, [gradcam_layer(model, stage)]) as cam:
         for part in _batches(len(crops), batch_size):
             x = _to_input(crops[part], mean, std, device)
             out[part] = cam(x, [ClassifierOutputTarget(int(t)) for t in targets[part]])

@@ -325,16 +325,7 @@ def explain_cells(
     model, card = classifier.models[0], classifier.card
     norm = {"mean": card.model.mean, "std": card.model.std}
     compute = {"gradcam": explain.gradcam, "smoothgrad": explain.smoothgrad}
-    with torch_grad_enabled():
-        return {m: compute[m](model, chosen.crops, chosen.top, **norm) for m in methods}
-
-
-@contextmanager
-def torch_grad_enabled() -> Iterator[None]:
-    import torch
-
-    with torch.enable_grad():
-        yield
+    return {m: compute[m](model, chosen.crops, chosen.top, **norm) for m in methods}
 
 
 def _stage_timer(timings: dict[str, float]) -> Callable[[str], Any]:

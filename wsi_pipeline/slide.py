@@ -499,15 +499,17 @@ def slide_stem(path: str | Path) -> str:
     return path.stem if path.is_file() or path.suffix.lower() in SLIDE_SUFFIXES else name
 
 
-def slide_checksum(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a slide file, or of the sorted files of a slide folder (DICOM, MRXS data)."""
+def slide_checksum(path: str | Path) -> str:
+    """SHA-256 of a slide file; for a slide folder (DICOM, MRXS data), of its files' digests."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as stream:
-            while block := stream.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{f.relative_to(path)}\0{file_sha256(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
