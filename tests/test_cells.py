@@ -115,8 +115,8 @@ def test_cells_on_tile_borders_are_counted_once(synthetic):
     assert np.all((distance < 20).sum(axis=1) == 1)
 
 
-def _synthetic_scores(folder: Path, seed: int) -> tuple[np.ndarray, float, float]:
-    """Ground-truth classes, recall and precision of tiled detection on one small slide."""
+def _synthetic_matches(folder: Path, seed: int) -> tuple[np.ndarray, int, int]:
+    """Ground-truth classes, matched cells and detections of tiled detection on one slide."""
     csv = write_synthetic_slide(folder / f"s{seed}.svs", size=(3000, 2000), seed=seed)
     truth = np.genfromtxt(csv, delimiter=",", names=True, dtype=None, encoding="utf-8")
     with open_slide(folder / f"s{seed}.svs") as slide:
@@ -132,15 +132,16 @@ def _synthetic_scores(folder: Path, seed: int) -> tuple[np.ndarray, float, float
     distance = np.hypot(truth["x"][:, None] - cells.x, truth["y"][:, None] - cells.y) * 0.25
     within = distance <= truth["diameter_um"][:, None] / 2
     rows, cols = linear_sum_assignment(np.where(within, distance, 1e9))
-    matched = within[rows, cols].sum()
-    return truth["class"], matched / len(truth), matched / len(cells)
+    return truth["class"], int(within[rows, cols].sum()), len(cells)
 
 
 def test_synthetic_recall_and_precision(tmp_path):
-    scores = {seed: _synthetic_scores(tmp_path, seed) for seed in (0, 1, 2)}
-    print({seed: (round(r, 4), round(p, 4)) for seed, (_, r, p) in scores.items()})
-    classes = set(np.concatenate([c for c, _, _ in scores.values()]))
-    assert classes == set(CLASS_MIX)
-    for _, recall, precision in scores.values():
-        assert recall >= 0.97
-        assert precision >= 0.97
+    # About 50 cells a slide: one miss moves a slide's recall by 2 points, so score them pooled.
+    results = [_synthetic_matches(tmp_path, seed) for seed in range(16)]
+    classes = np.concatenate([c for c, _, _ in results])
+    matched = sum(m for _, m, _ in results)
+    recall, precision = matched / len(classes), matched / sum(n for _, _, n in results)
+    print(json.dumps({"cells": len(classes), "recall": recall, "precision": precision}))
+    assert set(classes) == set(CLASS_MIX)
+    assert recall >= 0.97
+    assert precision >= 0.97
