@@ -67,8 +67,8 @@ def ground_truth(slide: Path, rings: list) -> dict[str, int]:
 @pytest.mark.xfail(
     strict=True,
     reason="issue 5 open: segmented neutrophils read 7.2 points low, so EBO, MMZ and MYB read "
-    "2.0-2.4 high: synthetic-demo confuses NGS with NGB (4- and 5-lobed synthetic nuclei have "
-    "touching lobes); detection finds 186 of the 190 cells",
+    "2.0-2.4 high: synthetic-demo confuses NGS with NGB (the lobes of 5-lobed synthetic nuclei "
+    "touch, so they read as bands); detection gives 186 cells for 190 in the truth",
 )
 def test_differential_matches_ground_truth_within_two_points(synthetic, synthetic_run):
     run, _ = synthetic_run
