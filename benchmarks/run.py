@@ -3,9 +3,10 @@
 Generates (once, into a cache folder) a small and a large synthetic marrow smear with a fixed
 seed, then measures, each phase in its own subprocess so its peak RSS is its own:
 
-* ``read``: the planned tiles read three ways, interleaved tile by tile in one process:
-  :meth:`wsi_pipeline.slide.Slide.read_region` at the classifier's resolution, tifffile decoding
-  the level-0 JPEG tiles of the same regions, and OpenSlide ``read_region`` of the same regions;
+* ``read``: the planned tiles read four ways, interleaved tile by tile in one process:
+  :meth:`wsi_pipeline.slide.Slide.read_region` at the classifier's resolution and at level 0,
+  tifffile decoding the level-0 JPEG tiles of the same regions, and OpenSlide ``read_region``
+  of the same regions;
 * ``detect``: :func:`wsi_pipeline.pipeline.detect_tiles` over every planned tile (read, detect,
   crop), beside plain reading of the same tiles, so the detection share is known;
 * ``classify``: ``Classifier.predict_proba`` on real cell crops, a bare ``model(batch)`` loop
@@ -107,6 +108,8 @@ def phase_read(slide: str, card: str, tiles: int) -> dict:
         tif_read, tif_close = tifffile_region_reader(path)
         readers: dict[str, Callable] = {
             "wsi_pipeline": lambda t, s: opened.read_region(t.origin, t.read_size, t.mpp),
+            # The same level-0 pixels without resampling: the reader's own cost, like for like.
+            "wsi_pipeline_level0": lambda t, s: opened.read_region(t.origin, s),
             "tifffile": lambda t, s: tif_read(t.origin, s),
             "openslide": lambda t, s: np.asarray(raw.read_region(t.origin, 0, s).convert("RGB")),
         }
@@ -435,6 +438,9 @@ def measure(args: argparse.Namespace) -> dict:
     e2e_small, e2e_large = stages["end_to_end"][str(small)][0], stages["end_to_end"][str(large)][0]
     ratios = {
         "read_vs_tifffile": ratio(read["wsi_pipeline"]["mp_per_s"], read["tifffile"]["mp_per_s"]),
+        "read_level0_vs_tifffile": ratio(
+            read["wsi_pipeline_level0"]["mp_per_s"], read["tifffile"]["mp_per_s"]
+        ),
         "read_vs_openslide": ratio(read["wsi_pipeline"]["mp_per_s"], read["openslide"]["mp_per_s"]),
         "classify_vs_bare_loop": ratio(
             classify["wsi_pipeline"]["cells_per_s"], classify["bare_loop"]["cells_per_s"]
