@@ -395,14 +395,14 @@ def _block_mean(image: NDArray, f: int) -> NDArray[np.float32]:
     return image.reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float32)
 
 
-def _core_density(rgb: NDArray[np.uint8], f: int, px_um: float, core_um: float):
+def _core_density(rgb: NDArray[np.uint8], f: int, px_um: float, params: DetectParams):
     """Red optical density averaged over a ``core_um`` square window, at the working resolution.
 
     Chromatin absorbs red light strongly; red cells, platelet granules and pale precipitate
     hardly do, so only a solid piece of nucleus gives a high value over the whole window.
     """
     red = _block_mean(_OD_LUT[rgb[..., 0]], f)
-    return ndi.uniform_filter(red, max(1, round(core_um / px_um)))
+    return ndi.uniform_filter(red, max(1, round(params.core_um / px_um)))
 
 
 def _label_maximum(values: NDArray, labels: NDArray[np.int32], n: int) -> FloatArray:
@@ -478,7 +478,7 @@ def detect_cells(
     f = _block(mpp, params)
     px_um = f * mpp
     mask, vouching = _cell_mask(stain, threshold, px_um, params)
-    core_map = _core_density(rgb, f, px_um, params.core_um)
+    core_map = _core_density(rgb, f, px_um, params)
     labels = _label_cells(mask, vouching, core_map, px_um, params)
     index = np.arange(1, labels.max() + 1)
     if len(index) == 0:
