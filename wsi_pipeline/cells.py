@@ -13,6 +13,7 @@ Steps, on blocks of whole pixels near ``work_mpp`` (0.6 µm/px by default):
 3. a morphological closing groups the lobes of segmented neutrophils into one blob;
 4. touching cells are split by their nuclei: pieces within ``link_um`` of each other form one
    nucleus, and each nucleus with a solid chromatin core seeds a watershed of the blobs;
+   unseeded fragments too small to be a cell join within ``link_um`` (lobes set wide apart);
 5. size limits in µm² reject debris; a region too small to be sure of (an erythroblast's or
    lymphocyte's dense nucleus looks as large as a platelet clump), or built only from
    lobe-sized pieces, is kept only when it holds a solid chromatin core: a window ``core_um``
@@ -112,7 +113,7 @@ class DetectParams:
     min_threshold: float = 0.5
     smooth_um: float = 0.25
     group_um: float = 1.5
-    lobe_um2: float = 4.0
+    lobe_um2: float = 2.5
     min_piece_um2: float = 6.0
     min_area_um2: float = 8.0
     max_area_um2: float = 600.0
@@ -363,11 +364,8 @@ def _label_cells(
     """
     pieces, count = ndi.label(vouching)
     if count == 0:
-        return ndi.label(mask)[0].astype(np.int32)
-    centres = np.array(ndi.center_of_mass(vouching, pieces, np.arange(1, count + 1)))
-    pairs = cKDTree(centres).query_pairs(params.link_um / px_um, output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
-    group = connected_components(graph, directed=False)[1] + 1
+        return _join_fragments(mask, px_um, params)
+    group = _link(pieces, count, params.link_um / px_um)
     # Clusters of a promyelocyte's granules are pieces too, far from its pale nucleus: only a
     # group with a solid chromatin core, or as large as a pale nucleus, seeds a cell.
     group_core = np.zeros(group.max() + 1)
@@ -380,9 +378,44 @@ def _label_cells(
     distance = ndi.distance_transform_edt(mask)
     labels = segmentation.watershed(-distance, markers, mask=mask)
     # Blobs without a seed keep one label each, after the seeded ones.
-    unseeded = ndi.label(mask & (labels == 0))[0]
+    unseeded = _join_fragments(mask & (labels == 0), px_um, params)
     labels[unseeded > 0] = unseeded[unseeded > 0] + labels.max()
     return segmentation.relabel_sequential(labels)[0].astype(np.int32)
+
+
+def _link(pieces: NDArray[np.int32], count: int, reach_px: float) -> NDArray[np.intp]:
+    """Group number (from 1) of each of ``count`` labelled pieces: pieces whose centres lie
+    within ``reach_px`` of each other, directly or through a chain, share a group.
+    """
+    centres = np.array(ndi.center_of_mass(pieces > 0, pieces, np.arange(1, count + 1)))
+    pairs = cKDTree(centres.reshape(count, 2)).query_pairs(reach_px, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
+    return connected_components(graph, directed=False)[1] + 1
+
+
+def _join_fragments(
+    mask: NDArray[np.bool_], px_um: float, params: DetectParams
+) -> NDArray[np.int32]:
+    """Label the blobs of ``mask``; blobs too small to be a cell that lie within ``link_um`` of
+    each other share a label (the lobes of a segmented neutrophil, split wider than the closing
+    joins). The joined region must still hold a solid core (:func:`_accept`).
+    """
+    blobs, count = ndi.label(mask)
+    if count < 2:
+        return blobs.astype(np.int32)
+    area = np.bincount(blobs.ravel(), minlength=count + 1) * px_um**2
+    fragment = area < params.min_area_um2
+    fragment[0] = False
+    ids = np.flatnonzero(fragment)
+    if len(ids) < 2:
+        return blobs.astype(np.int32)
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[ids] = np.arange(1, len(ids) + 1)
+    group = _link(lookup[blobs], len(ids), params.link_um / px_um)
+    # Fragments take their group's number after the other blobs' own numbers.
+    relabel = np.arange(count + 1, dtype=np.int32)
+    relabel[ids] = count + group
+    return segmentation.relabel_sequential(relabel[blobs])[0].astype(np.int32)
 
 
 def _block_mean(image: NDArray, f: int) -> NDArray[np.float32]:

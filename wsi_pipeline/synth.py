@@ -566,7 +566,8 @@ def _nucleus_segmented(
 ) -> FloatArray:
     path = _nuclear_path(r, rng)
     strand = _polyline(u, v, path, 0.2)
-    lobes = rng.integers(3, 6)
+    # Five lobes on a path this short would touch and read as a lumpy band, so stop at four.
+    lobes = rng.integers(3, 5)
     stops = np.linspace(0, len(path) - 1, lobes).round().astype(int)
     lobe_r = 0.24 * r * rng.uniform(0.9, 1.1, lobes)
     dist = [_ellipse(u, v, *path[i], lr, lr * 0.85) for i, lr in zip(stops, lobe_r, strict=True)]
