@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
@@ -191,12 +192,18 @@ def _od_of(rgb: tuple[float, float, float]) -> FloatArray:
     return -np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / 256.0)
 
 
-_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
+#: Optical density of each 8-bit value, as an OpenCV lookup table for three channels.
+_OD_LUT = np.repeat(
+    -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)[None, :, None], 3, axis=2
+)
+_UNMIXING_ROW = _unmixing_row().astype(np.float32)[None, :]
 
-#: Per-channel lookup tables: the nuclear stain of a pixel is the sum of its three entries.
-_NUCLEAR_LUT = (
-    _unmixing_row()[:, None] * -np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)
-).astype(np.float32)
+
+def optical_density(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """Optical density ``-log((value + 1) / 256)`` of every channel, shape (H, W, 3)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+    return cv2.LUT(np.ascontiguousarray(rgb), _OD_LUT)
 
 
 def nuclear_stain(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -215,13 +222,15 @@ def nuclear_stain(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     -------
     ndarray of float32, shape (H, W)
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    lut = _NUCLEAR_LUT
-    stain = lut[0][rgb[..., 0]] + lut[1][rgb[..., 1]] + lut[2][rgb[..., 2]]
+    return _unmix_nuclear(optical_density(rgb))
+
+
+def _unmix_nuclear(od: NDArray[np.float32]) -> NDArray[np.float32]:
+    """:func:`nuclear_stain` from the image's optical density (:func:`optical_density`)."""
+    stain = cv2.transform(od, _UNMIXING_ROW)
     # Where stacked red cells saturate green and blue, unmixing fails; chromatin also absorbs
     # red strongly, red cells hardly at all.
-    red, green = _OD_LUT[rgb[..., 0]], _OD_LUT[rgb[..., 1]]
+    red, green = od[..., 0], od[..., 1]
     stain[(stain > 0) & (red < PURPLE_RED_TO_GREEN * green)] = 0.0
     # The darkest nuclei saturate green and blue, so unmixing leaves them hollow; no other
     # smear component absorbs as much red light.
@@ -275,7 +284,7 @@ def slide_threshold(
     """
     if not samples:
         return params.min_threshold
-    stains = [_work_stain(rgb, mpp, params).ravel() for rgb in samples]
+    stains = [_work_stain(optical_density(rgb), mpp, params).ravel() for rgb in samples]
     return learn_threshold(np.concatenate(stains), params)
 
 
@@ -305,14 +314,15 @@ def resample_ring(ring: NDArray[np.floating], n: int = CONTOUR_VERTICES) -> NDAr
     )
 
 
-def _work_stain(rgb: NDArray[np.uint8], mpp: float, params: DetectParams) -> NDArray[np.float32]:
+def _work_stain(od: NDArray[np.float32], mpp: float, params: DetectParams) -> NDArray[np.float32]:
     """Nuclear stain averaged over blocks of whole pixels near ``work_mpp``, lightly smoothed.
 
-    The block side is :func:`_block` pixels; the image is padded at its far edges by
-    repetition so every pixel falls in a block.
+    ``od`` is the image's optical density (:func:`optical_density`). The block side is
+    :func:`_block` pixels; the image is padded at its far edges by repetition so every pixel
+    falls in a block.
     """
     f = _block(mpp, params)
-    stain = _block_mean(nuclear_stain(rgb), f)
+    stain = _block_mean(_unmix_nuclear(od), f)
     sigma = params.smooth_um / (f * mpp)
     return ndi.gaussian_filter(stain, sigma) if sigma >= 0.3 else stain
 
@@ -342,9 +352,26 @@ def _cell_mask(stain: NDArray[np.float32], threshold: float, px_um: float, param
     granular = morphology.remove_small_objects(
         stain < -params.granule_factor * threshold, max_size=min_piece
     )
-    grouped = ndi.binary_closing(nuclear | granular, _disk(params.group_um, px_um))
+    grouped = _closing(nuclear | granular, _disk(params.group_um, px_um))
     vouching = morphology.remove_small_objects(nuclear, max_size=min_piece) | granular
-    return ndi.binary_fill_holes(grouped), vouching
+    return _fill_holes(grouped), vouching
+
+
+def _closing(mask: NDArray[np.bool_], disk: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """Binary closing with nothing outside the image (as ``ndi.binary_closing``), by OpenCV."""
+    border = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}
+    dilated = cv2.dilate(mask.view(np.uint8), disk, **border)
+    return cv2.erode(dilated, disk, **border).view(bool)
+
+
+def _fill_holes(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """``mask`` with every background region that does not reach the image edge filled."""
+    background, _ = ndi.label(~mask)
+    edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    outside = np.zeros(background.max() + 1, dtype=bool)
+    outside[edge] = True
+    outside[0] = False
+    return ~outside[background]
 
 
 def _label_cells(
@@ -375,7 +402,7 @@ def _label_cells(
     seeds = (group_core >= params.core_red_od) | (group_area >= params.seed_area_um2)
     group[~seeds[group]] = 0
     markers = np.concatenate([[0], group]).astype(np.int32)[pieces]
-    distance = ndi.distance_transform_edt(mask)
+    distance = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     labels = segmentation.watershed(-distance, markers, mask=mask)
     # Blobs without a seed keep one label each, after the seeded ones.
     unseeded = _join_fragments(mask & (labels == 0), px_um, params)
@@ -387,8 +414,8 @@ def _link(pieces: NDArray[np.int32], count: int, reach_px: float) -> NDArray[np.
     """Group number (from 1) of each of ``count`` labelled pieces: pieces whose centres lie
     within ``reach_px`` of each other, directly or through a chain, share a group.
     """
-    centres = np.array(ndi.center_of_mass(pieces > 0, pieces, np.arange(1, count + 1)))
-    pairs = cKDTree(centres.reshape(count, 2)).query_pairs(reach_px, output_type="ndarray")
+    centres = _centroids(pieces, count)
+    pairs = cKDTree(centres).query_pairs(reach_px, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
     return connected_components(graph, directed=False)[1] + 1
 
@@ -418,24 +445,38 @@ def _join_fragments(
     return segmentation.relabel_sequential(relabel[blobs])[0].astype(np.int32)
 
 
-def _block_mean(image: NDArray, f: int) -> NDArray[np.float32]:
-    """Mean over ``f`` x ``f`` blocks, padding the far edges by repetition."""
+def _block_mean(image: NDArray[np.float32], f: int) -> NDArray[np.float32]:
+    """Mean over ``f`` x ``f`` blocks of a float32 image (one or more channels), padding the
+    far edges by repetition."""
     if f == 1:
-        return image.astype(np.float32, copy=False)
-    pad = [(0, -n % f) for n in image.shape]
-    image = np.pad(image, pad, mode="edge")
-    h, w = image.shape[0] // f, image.shape[1] // f
-    return image.reshape(h, f, w, f).mean(axis=(1, 3), dtype=np.float32)
+        return image
+    pad_y, pad_x = -image.shape[0] % f, -image.shape[1] % f
+    if pad_y or pad_x:
+        image = cv2.copyMakeBorder(image, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
+    # An integer shrink with area interpolation is exactly the block mean.
+    size = (image.shape[1] // f, image.shape[0] // f)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _core_density(rgb: NDArray[np.uint8], f: int, px_um: float, params: DetectParams):
+def _core_density(od: NDArray[np.float32], f: int, px_um: float, params: DetectParams):
     """Red optical density averaged over a ``core_um`` square window, at the working resolution.
 
     Chromatin absorbs red light strongly; red cells, platelet granules and pale precipitate
     hardly do, so only a solid piece of nucleus gives a high value over the whole window.
     """
-    red = _block_mean(_OD_LUT[rgb[..., 0]], f)
+    red = np.ascontiguousarray(_block_mean(od, f)[..., 0])
     return ndi.uniform_filter(red, max(1, round(params.core_um / px_um)))
+
+
+def _centroids(labels: NDArray[np.integer], n: int) -> FloatArray:
+    """Centre (row, col) of each label 1..n, as an (n, 2) array, from labelled pixels only."""
+    flat = np.flatnonzero(labels)
+    which = labels.ravel()[flat]
+    rows, cols = np.divmod(flat, labels.shape[1])
+    size = np.bincount(which, minlength=n + 1)[1:]
+    return np.column_stack(
+        [np.bincount(which, weights=k, minlength=n + 1)[1:] / size for k in (rows, cols)]
+    )
 
 
 def _label_maximum(values: NDArray, labels: NDArray[np.int32], n: int) -> FloatArray:
@@ -506,17 +547,18 @@ def detect_cells(
     """
     if mpp <= 0:
         raise ValueError(f"microns per pixel must be positive, got {mpp}")
-    stain = _work_stain(rgb, mpp, params)
+    od = optical_density(rgb)
+    stain = _work_stain(od, mpp, params)
     threshold = learn_threshold(stain, params) if params.threshold is None else params.threshold
     f = _block(mpp, params)
     px_um = f * mpp
     mask, vouching = _cell_mask(stain, threshold, px_um, params)
-    core_map = _core_density(rgb, f, px_um, params)
+    core_map = _core_density(od, f, px_um, params)
     labels = _label_cells(mask, vouching, core_map, px_um, params)
     index = np.arange(1, labels.max() + 1)
     if len(index) == 0:
         return CellTable()
-    area_um2 = ndi.sum_labels(np.ones_like(stain), labels, index) * px_um**2
+    area_um2 = np.bincount(labels.ravel(), minlength=len(index) + 1)[1:] * px_um**2
     core = _label_maximum(core_map, labels, len(index))
     vouched = _label_maximum(vouching, labels, len(index)).astype(bool)
     keep = index[_accept(area_um2, core, vouched, params)]
@@ -550,15 +592,16 @@ def _table(
     n = int(labels.max())
     if n == 0:
         return CellTable()
-    index = np.arange(1, n + 1)
-    centroids = np.array(ndi.center_of_mass(np.ones_like(stain), labels, index)).reshape(n, 2)
+    centroids = _centroids(labels, n)
     boxes = np.array(
         [[b.start for b in box] + [b.stop for b in box] for box in ndi.find_objects(labels)],
         dtype=float,
     )
     reach = float(np.hypot(*(boxes[:, 2:] - boxes[:, :2]).T).max())
     outline = _outlines(labels, centroids, reach)
-    mean_stain = ndi.mean(np.abs(stain), labels, index)
+    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    total_stain = np.bincount(labels.ravel(), weights=np.abs(stain).ravel(), minlength=n + 1)
+    mean_stain = total_stain[1:] / size
     scale = px_um / level0_mpp  # level-0 pixels per working pixel
 
     def to_level0(rc: FloatArray) -> FloatArray:
@@ -572,7 +615,7 @@ def _table(
         y=centres[:, 0],
         bbox=np.column_stack([top_left[:, ::-1], bottom_right[:, ::-1]]).astype(np.int64),
         contour=to_level0(outline)[..., ::-1].astype(np.float32),
-        area_um2=np.bincount(labels.ravel(), minlength=n + 1)[1:] * px_um**2,
+        area_um2=size * px_um**2,
         score=1.0 - threshold / np.maximum(mean_stain, threshold),
         tile_id=np.full(n, -1, dtype=np.int64),
     )
