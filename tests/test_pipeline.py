@@ -66,16 +66,16 @@ def ground_truth(slide: Path, rings: list) -> dict[str, int]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 5 open: segmented neutrophils read 7.2 points low, so EBO, MMZ and MYB read "
-    "2.0-2.4 high: synthetic-demo confuses NGS with NGB (the lobes of 5-lobed synthetic nuclei "
-    "touch, so they read as bands); detection gives 186 cells for 190 in the truth",
+    reason="issue 5 open: every class is within 2 points but segmented neutrophils (2.2 low "
+    "on this slide, 2.5 high on seed 202): lobes split or merged by detection and band/segmented "
+    "confusion (held-out F1 0.88/0.93) move a few of the 25 neutrophils",
 )
 def test_differential_matches_ground_truth_within_two_points(synthetic, synthetic_run):
     run, _ = synthetic_run
     root = zarr.open_group(run.store, mode="r")
     truth = ground_truth(synthetic, root.attrs["region"]["rings"])
     total = sum(truth.values())
-    assert total > 200
+    assert total >= 150  # 2 points are then a few cells of a class, not one
     result = run.differential
     assert result.uncertain <= 0.05 * result.total_cells
     for row in result.classes:

@@ -249,15 +249,16 @@ def write_synthetic_crops(
     out: str | os.PathLike[str],
     seeds: Iterable[int],
     slide_size: tuple[int, int] = (8000, 4000),
-    fov_um: float = 32.0,
-    input_size: int = 96,
+    card: str | os.PathLike[str] = "synthetic-demo",
     slide_dir: str | os.PathLike[str] | None = None,
 ) -> int:
-    """Write a labelled folder of crops cut from synthetic slides at their true cell centres.
+    """Write a labelled folder of the crops the pipeline cuts from synthetic slides.
 
-    Each seed gives one slide (:func:`wsi_pipeline.synth.write_synthetic_slide`, 0.25 µm/px);
-    every white cell of its ground truth becomes ``OUT/<CLASS>/slide<seed>_<id>.png``, cut by
-    :func:`wsi_pipeline.crops.crop_cells` as the pipeline cuts them. ``OUT/patients.csv``
+    Each seed gives one slide (:func:`wsi_pipeline.synth.write_synthetic_slide`, 0.25 µm/px).
+    Its cells are found and cropped exactly as ``wsi-run`` finds and crops them (every smear
+    region but glass), so a classifier trained on them sees the centring and resampling it
+    meets at inference; each detection within half a diameter of a ground-truth cell (one to
+    one, nearest first) becomes ``OUT/<CLASS>/slide<seed>_<id>.png``. ``OUT/patients.csv``
     names each crop's slide, so splits keep slides apart.
 
     Parameters
@@ -268,8 +269,8 @@ def write_synthetic_crops(
         One synthetic slide per seed.
     slide_size : (int, int)
         Level-0 size of each slide.
-    fov_um, input_size : float, int
-        The card's field of view and input size.
+    card : name or path
+        Classifier card whose field of view and input size the crops take.
     slide_dir : path, optional
         Where the slides are written (default: a temporary folder, deleted afterwards).
 
@@ -278,11 +279,17 @@ def write_synthetic_crops(
     int
         Number of crops written.
     """
-    from wsi_pipeline.crops import crop_cells
+    from scipy.optimize import linear_sum_assignment
+
+    from wsi_pipeline.cards import load_card
+    from wsi_pipeline.options import RunOptions
+    from wsi_pipeline.pipeline import detect_tiles, plan_slide
     from wsi_pipeline.slide import open_slide
     from wsi_pipeline.synth import write_synthetic_slide
 
     out = Path(out)
+    loaded = load_card(card)
+    options = RunOptions(classifier=str(loaded.path), region="all")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(slide_dir or scratch)
@@ -292,12 +299,27 @@ def write_synthetic_crops(
             with open(truth, newline="") as stream:
                 cells = list(csv.DictReader(stream))
             with open_slide(folder / f"slide{seed}.svs") as slide:
-                centres = [(float(cell["x"]), float(cell["y"])) for cell in cells]
-                crops = crop_cells(slide, centres, fov_um, input_size)
-            for cell, crop in zip(cells, crops, strict=True):
+                plan = plan_slide(slide, loaded, options)
+                found = detect_tiles(slide, plan.tiles, loaded, plan.threshold)
+                mpp = slide.mpp
+            true_xy = np.array([(float(c["x"]), float(c["y"])) for c in cells]).reshape(-1, 2)
+            radius = np.array([float(c["diameter_um"]) / 2 for c in cells])
+            distance = (
+                np.hypot(
+                    true_xy[:, None, 0] - found.columns["x"],
+                    true_xy[:, None, 1] - found.columns["y"],
+                )
+                * mpp
+            )
+            within = distance <= radius[:, None]
+            rows_, cols = linear_sum_assignment(np.where(within, distance, 1e9))
+            for i, j in zip(rows_, cols, strict=True):
+                if not within[i, j]:
+                    continue
+                cell = cells[i]
                 name = f"{cell['class']}/slide{seed}_{cell['id']}.png"
                 (out / cell["class"]).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(crop).save(out / name)
+                Image.fromarray(found.crops[j]).save(out / name)
                 rows.append((name, f"synthetic-slide-{seed}"))
     with open(out / "patients.csv", "w", newline="", encoding="utf-8") as stream:
         csv.writer(stream).writerows([("image", "patient"), *rows])
