@@ -14,7 +14,13 @@ import zarr
 
 from wsi_pipeline.counts import differential
 from wsi_pipeline.errors import InputError
-from wsi_pipeline.store import CELL_COLUMNS, ResultWriter, format_summary, read_summary
+from wsi_pipeline.store import (
+    CELL_COLUMNS,
+    FLUSH_CELLS,
+    ResultWriter,
+    format_summary,
+    read_summary,
+)
 
 CODES = ("BLA", "EBO", "LYT", "NGS")
 CROP = 16
@@ -47,7 +53,7 @@ def write_store(out, batches=3, n=50):
         maps = np.random.default_rng(0).random((5, CROP, CROP))
         writer.append_saliency(np.arange(5), {"gradcam": maps, "smoothgrad": 2 * maps})
         writer.write_mosaic("BLA", np.zeros((20, 40, 3), np.uint8))
-        top = np.asarray(CODES)[zarr.open_group(writer.path)["cells/top_class"][:]]
+        top = np.asarray(CODES)[writer.read_columns("top_class")[0]]
         writer.write_counts(differential(top, np.ones(top.size), CODES))
         assert zarr.open_group(writer.path).attrs["status"] == "incomplete"
         return writer.commit({"detect": 1.25})
@@ -152,3 +158,20 @@ def test_read_summary_refuses_what_is_not_a_store(tmp_path):
     zarr.open_group(tmp_path / "other.zarr", mode="w")
     with pytest.raises(InputError, match="not a wsi-pipeline result store"):
         read_summary(tmp_path / "other.zarr")
+
+
+def test_batches_held_in_memory_land_in_order(tmp_path):
+    # More cells than one write holds, in batches that do not divide a crop chunk.
+    n, batches = 37, FLUSH_CELLS // 37 + 3
+    path = write_store(tmp_path, batches=batches, n=n)
+    root = zarr.open_group(path, mode="r")
+    assert root.attrs["n_cells"] == n * batches
+    np.testing.assert_array_equal(root["cells/id"][:], np.arange(n * batches))
+    np.testing.assert_array_equal(root["crops"][::n, 0, 0, 0], np.arange(batches) % 256)
+
+
+def test_batches_either_all_have_crops_or_none(tmp_path):
+    with ResultWriter(tmp_path, "demo", CODES, CROP, ATTRS) as writer:
+        writer.append_cells(cell_batch(3, 0), np.zeros((3, CROP, CROP, 3), np.uint8))
+        with pytest.raises(ValueError, match="every batch"):
+            writer.append_cells(cell_batch(3, 3))

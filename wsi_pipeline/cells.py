@@ -45,6 +45,7 @@ __all__ = [
     "detect_cells",
     "learn_threshold",
     "nuclear_stain",
+    "optical_density",
     "resample_ring",
     "slide_threshold",
 ]

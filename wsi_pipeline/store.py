@@ -42,6 +42,10 @@ FORMAT = "wsi-pipeline-result"
 FORMAT_VERSION = 1
 CELL_CHUNK = 65_536
 CROP_CHUNK = 64
+#: Cells held in memory between writes (a whole number of crop chunks, about 28 MB of 96-px
+#: crops): each Zarr append rewrites the chunks it touches, so appending every small batch
+#: would rewrite the growing cell-table chunks again and again.
+FLUSH_CELLS = 16 * CROP_CHUNK
 SALIENCY_METHODS = ("gradcam", "smoothgrad")
 _PARTIAL_SUFFIX = ".partial"
 _OLD_SUFFIX = ".old"
@@ -144,6 +148,10 @@ class ResultWriter:
             }
         )
         self._create_arrays()
+        self._pending: list[tuple[dict[str, NDArray], NDArray[np.uint8] | None]] = []
+        self._pending_cells = 0
+        self._written_cells = 0
+        self._without_crops = False
         self._committed = False
 
     def _create_arrays(self) -> None:
@@ -179,8 +187,8 @@ class ResultWriter:
 
     @property
     def n_cells(self) -> int:
-        """Cells written so far."""
-        return self._root["cells/id"].shape[0]
+        """Cells appended so far (some may still wait in memory for the next write)."""
+        return self._written_cells + self._pending_cells
 
     def append_cells(
         self, cells: Mapping[str, NDArray], crops: NDArray[np.uint8] | None = None
@@ -206,17 +214,48 @@ class ResultWriter:
                 )
         if crops is not None and crops.shape != (n, self.crop_size, self.crop_size, 3):
             raise ValueError(f"crops have shape {crops.shape} for {n} cells")
-        for name, column in self._columns.items():
-            self._root[f"cells/{name}"].append(np.asarray(cells[name], dtype=column.dtype))
+        if self.n_cells and (crops is None) != self._without_crops:
+            raise ValueError("either every batch of cells has crops or none has")
+        self._without_crops = crops is None
+        columns = {
+            name: np.asarray(cells[name], dtype=c.dtype) for name, c in self._columns.items()
+        }
+        self._pending.append((columns, None if crops is None else np.asarray(crops, np.uint8)))
+        self._pending_cells += n
+        if self._pending_cells >= FLUSH_CELLS:
+            self._flush(whole_chunks=True)
+
+    def _flush(self, whole_chunks: bool = False) -> None:
+        """Write the cells held in memory; with ``whole_chunks``, only whole crop chunks."""
+        total = self._pending_cells
+        n = total - (total % CROP_CHUNK if whole_chunks else 0)
+        if n == 0:
+            return
+        columns = {
+            name: np.concatenate([part[name] for part, _ in self._pending])
+            for name in self._columns
+        }
+        crops = None if self._without_crops else np.concatenate([c for _, c in self._pending])
+        for name, values in columns.items():
+            self._root[f"cells/{name}"].append(values[:n])
         if crops is not None:
-            self._root["crops"].append(np.asarray(crops, dtype=np.uint8))
+            self._root["crops"].append(crops[:n])
+        rest = (
+            {name: values[n:] for name, values in columns.items()},
+            None if crops is None else crops[n:],
+        )
+        self._pending = [rest] if n < total else []
+        self._pending_cells = total - n
+        self._written_cells += n
 
     def read_columns(self, *names: str) -> tuple[NDArray, ...]:
-        """Whole ``cells/*`` columns written so far (small ones: class, confidence, ...)."""
+        """Whole ``cells/*`` columns appended so far (small ones: class, confidence, ...)."""
+        self._flush()
         return tuple(self._root[f"cells/{name}"][:] for name in names)
 
     def iter_cells(self, batch_size: int = CELL_CHUNK) -> Iterator[dict[str, NDArray]]:
-        """The cell table written so far, in batches of every column."""
+        """The cell table appended so far, in batches of every column."""
+        self._flush()
         for start in range(0, self.n_cells, batch_size):
             stop = min(start + batch_size, self.n_cells)
             yield {name: self._root[f"cells/{name}"][start:stop] for name in self._columns}
@@ -270,6 +309,7 @@ class ResultWriter:
         self._root.attrs.update(attrs)
 
     def _check_complete(self) -> None:
+        self._flush()
         n = self.n_cells
         crops = self._root["crops"].shape[0]
         if crops not in (0, n):
