@@ -2,21 +2,23 @@
 
 The stage functions here take plain data and return plain data, so the same functions run in
 process for one slide (:func:`run_slide`) and as Dask tasks for directories. Reading and
-detection run one tile ahead of classification on a background thread; the store, the GeoJSON
-and the report are written as the cells stream past, and the store is marked complete last.
+detection run up to :data:`PREFETCH_TILES` tiles ahead of classification on a background
+thread, while a CPU classifier leaves them one core; the store, the GeoJSON and the report are
+written as the cells stream past, and the store is marked complete last.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from PIL import Image
 from skimage import measure
@@ -46,6 +48,9 @@ REGION_MPP = 4.0  # thumbnail resolution for finding the countable smear: red ce
 TILE_SIZE = 1024  # tile side in pixels at the classifier's resolution
 THRESHOLD_SAMPLE_TILES = 8  # tiles pooled to learn a slide's nuclear-stain threshold
 REPORT_THUMBNAIL_PX = 1600  # longest side of the overview drawn in the report
+#: Tiles detected ahead of classification: about 1,700 cells, 46 MB of 96-px crops. Detection
+#: outpaces a CPU classifier, so this buffer fills and the classifier then takes every core.
+PREFETCH_TILES = 128
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -263,16 +268,47 @@ def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> Ti
     return TileCells(columns, cells.crops, seconds)
 
 
-def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[R]:
-    """``map(fn, items)`` computed ``depth`` items ahead on a background thread, in order."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = []
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > depth:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+class Prefetch(Generic[T, R]):
+    """``map(fn, items)`` computed up to ``depth`` items ahead on a background thread, in order.
+
+    Iterate over it once; :attr:`busy` tells whether the background thread is working now.
+    """
+
+    def __init__(self, fn: Callable[[T], R], items: Iterable[T], depth: int = 2):
+        self.fn, self.items, self.depth = fn, items, depth
+        self._pending: list[Future[R]] = []
+
+    def __iter__(self) -> Iterator[R]:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for item in self.items:
+                self._pending.append(pool.submit(self.fn, item))
+                if len(self._pending) > self.depth:
+                    yield self._pending.pop(0).result()
+            while self._pending:
+                yield self._pending.pop(0).result()
+
+    @property
+    def busy(self) -> bool:
+        """Whether an item is being computed (or waits for the thread) right now."""
+        return not all(future.done() for future in self._pending)
+
+
+@contextmanager
+def cpu_threads(classifier: Classifier, spare_one: bool) -> Iterator[None]:
+    """Run the classifier on one CPU thread fewer while ``spare_one`` (detection is running).
+
+    PyTorch's CPU threads wait for each other at every operation, so when another thread holds
+    one of the cores all of them slow down (4x on 2 cores, against 1.6x for one thread fewer).
+    """
+    threads = torch.get_num_threads()
+    fewer = classifier.device.type == "cpu" and spare_one and threads > 1
+    if fewer:
+        torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        if fewer:
+            torch.set_num_threads(threads)
 
 
 def batched(
@@ -466,10 +502,12 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
 
     def classified() -> Iterator[TileCells]:
         counted = 0
-        for batch in batched(prefetch(detect, plan.tiles), classifier.batch_size, bar.update):
+        ahead = Prefetch(detect, plan.tiles, PREFETCH_TILES)
+        for batch in batched(ahead, classifier.batch_size, bar.update):
             counted += len(batch)
             bar.set_postfix(cells=counted)
-            yield classify_cells(classifier, batch, options.tta)
+            with cpu_threads(classifier, spare_one=ahead.busy):
+                yield classify_cells(classifier, batch, options.tta)
         bar.close()
 
     return write_outputs(plan, classified(), classifier, options, out_dir)
