@@ -325,7 +325,11 @@ def _work_stain(od: NDArray[np.float32], mpp: float, params: DetectParams) -> ND
     f = _block(mpp, params)
     stain = _block_mean(_unmix_nuclear(od), f)
     sigma = params.smooth_um / (f * mpp)
-    return ndi.gaussian_filter(stain, sigma) if sigma >= 0.3 else stain
+    if sigma < 0.3:
+        return stain
+    # The kernel and borders of ndi.gaussian_filter (radius 4 sigma, mirrored edges).
+    side = 2 * int(4.0 * sigma + 0.5) + 1
+    return cv2.GaussianBlur(stain, (side, side), sigma, borderType=cv2.BORDER_REFLECT)
 
 
 def _block(mpp: float, params: DetectParams) -> int:
@@ -408,7 +412,7 @@ def _label_cells(
     # Blobs without a seed keep one label each, after the seeded ones.
     unseeded = _join_fragments(mask & (labels == 0), px_um, params)
     labels[unseeded > 0] = unseeded[unseeded > 0] + labels.max()
-    return segmentation.relabel_sequential(labels)[0].astype(np.int32)
+    return _relabel_sequential(labels)
 
 
 def _link(pieces: NDArray[np.int32], count: int, reach_px: float) -> NDArray[np.intp]:
@@ -443,7 +447,7 @@ def _join_fragments(
     # Fragments take their group's number after the other blobs' own numbers.
     relabel = np.arange(count + 1, dtype=np.int32)
     relabel[ids] = count + group
-    return segmentation.relabel_sequential(relabel[blobs])[0].astype(np.int32)
+    return _relabel_sequential(relabel[blobs])
 
 
 def _block_mean(image: NDArray[np.float32], f: int) -> NDArray[np.float32]:
@@ -466,7 +470,18 @@ def _core_density(od: NDArray[np.float32], f: int, px_um: float, params: DetectP
     hardly do, so only a solid piece of nucleus gives a high value over the whole window.
     """
     red = np.ascontiguousarray(_block_mean(od, f)[..., 0])
-    return ndi.uniform_filter(red, max(1, round(params.core_um / px_um)))
+    side = max(1, round(params.core_um / px_um))
+    # The window and borders of ndi.uniform_filter (mirrored edges).
+    return cv2.blur(red, (side, side), borderType=cv2.BORDER_REFLECT)
+
+
+def _relabel_sequential(labels: NDArray[np.integer]) -> NDArray[np.int32]:
+    """Labels renumbered 1..N in the order of their old numbers, 0 kept as background."""
+    present = np.bincount(labels.ravel()) > 0
+    present[0] = False
+    lookup = np.zeros(len(present), dtype=np.int32)
+    lookup[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    return lookup[labels]
 
 
 def _centroids(labels: NDArray[np.integer], n: int) -> FloatArray:
