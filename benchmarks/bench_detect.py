@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from wsi_pipeline.cells import CellTable, DetectParams, detect_cells, slide_threshold
 from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synth import write_synthetic_slide
+from wsi_pipeline.synth import match_ground_truth, write_synthetic_slide
 from wsi_pipeline.tiles import plan_tiles
 
 TILE_MPP, TILE_SIZE, OVERLAP_UM = 1 / 3, 1024, 32.0
@@ -32,12 +31,9 @@ THRESHOLD_SAMPLE_TILES = 8  # as the pipeline: the threshold is learned once per
 
 def match_truth(truth: np.ndarray, cells: CellTable, mpp: float) -> int:
     """Ground-truth cells matched one-to-one within half their diameter."""
-    if len(cells) == 0 or len(truth) == 0:
-        return 0
-    distance = np.hypot(truth["x"][:, None] - cells.x, truth["y"][:, None] - cells.y) * mpp
-    within = distance <= truth["diameter_um"][:, None] / 2
-    rows, cols = linear_sum_assignment(np.where(within, distance, 1e9))
-    return int(within[rows, cols].sum())
+    truth_xy = np.column_stack([truth["x"], truth["y"]])
+    cells_xy = np.column_stack([cells.x, cells.y])
+    return len(match_ground_truth(truth_xy, truth["diameter_um"], cells_xy, mpp)[0])
 
 
 def run_one(size: int, seed: int) -> dict:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
 from wsi_pipeline.cells import (
     CONTOUR_VERTICES,
@@ -20,7 +19,7 @@ from wsi_pipeline.cells import (
     slide_threshold,
 )
 from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synth import CLASS_MIX, write_synthetic_slide
+from wsi_pipeline.synth import CLASS_MIX, match_ground_truth, write_synthetic_slide
 from wsi_pipeline.tiles import plan_tiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,10 +128,10 @@ def _synthetic_matches(folder: Path, seed: int) -> tuple[np.ndarray, int, int]:
             cells = detect_cells(rgb, mpp, tile.origin, params, slide.mpp)
             found.append(cells.select(tile.owns(cells.x, cells.y)))
     cells = CellTable.concat(found)
-    distance = np.hypot(truth["x"][:, None] - cells.x, truth["y"][:, None] - cells.y) * 0.25
-    within = distance <= truth["diameter_um"][:, None] / 2
-    rows, cols = linear_sum_assignment(np.where(within, distance, 1e9))
-    return truth["class"], int(within[rows, cols].sum()), len(cells)
+    truth_xy = np.column_stack([truth["x"], truth["y"]])
+    cells_xy = np.column_stack([cells.x, cells.y])
+    matched, _ = match_ground_truth(truth_xy, truth["diameter_um"], cells_xy, 0.25)
+    return truth["class"], len(matched), len(cells)
 
 
 def test_synthetic_recall_and_precision(tmp_path):

@@ -279,13 +279,11 @@ def write_synthetic_crops(
     int
         Number of crops written.
     """
-    from scipy.optimize import linear_sum_assignment
-
     from wsi_pipeline.cards import load_card
     from wsi_pipeline.options import RunOptions
     from wsi_pipeline.pipeline import detect_tiles, plan_slide
     from wsi_pipeline.slide import open_slide
-    from wsi_pipeline.synth import write_synthetic_slide
+    from wsi_pipeline.synth import match_ground_truth, write_synthetic_slide
 
     out = Path(out)
     loaded = load_card(card)
@@ -302,20 +300,13 @@ def write_synthetic_crops(
                 plan = plan_slide(slide, loaded, options)
                 found = detect_tiles(slide, plan.tiles, loaded, plan.threshold)
                 mpp = slide.mpp
-            true_xy = np.array([(float(c["x"]), float(c["y"])) for c in cells]).reshape(-1, 2)
-            radius = np.array([float(c["diameter_um"]) / 2 for c in cells])
-            distance = (
-                np.hypot(
-                    true_xy[:, None, 0] - found.columns["x"],
-                    true_xy[:, None, 1] - found.columns["y"],
-                )
-                * mpp
+            matched = match_ground_truth(
+                [(float(c["x"]), float(c["y"])) for c in cells],
+                [float(c["diameter_um"]) for c in cells],
+                np.column_stack([found.columns["x"], found.columns["y"]]),
+                mpp,
             )
-            within = distance <= radius[:, None]
-            rows_, cols = linear_sum_assignment(np.where(within, distance, 1e9))
-            for i, j in zip(rows_, cols, strict=True):
-                if not within[i, j]:
-                    continue
+            for i, j in zip(*matched, strict=True):
                 cell = cells[i]
                 name = f"{cell['class']}/slide{seed}_{cell['id']}.png"
                 (out / cell["class"]).mkdir(parents=True, exist_ok=True)

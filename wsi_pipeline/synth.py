@@ -30,6 +30,7 @@ import numpy as np
 import tifffile
 from numpy.typing import NDArray
 from scipy.ndimage import gaussian_filter
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 from wsi_pipeline.errors import InputError
@@ -43,6 +44,7 @@ __all__ = [
     "SynthError",
     "cells_csv_path",
     "layout_slide",
+    "match_ground_truth",
     "render_region",
     "write_synthetic_slide",
 ]
@@ -443,6 +445,41 @@ def cells_csv_path(slide_path: str | os.PathLike[str]) -> Path:
     """Ground-truth path beside a slide: ``OUT.svs`` -> ``OUT.cells.csv``."""
     path = Path(slide_path)
     return path.with_name(path.stem + ".cells.csv")
+
+
+def match_ground_truth(
+    truth_xy: NDArray[np.floating],
+    diameter_um: NDArray[np.floating],
+    found_xy: NDArray[np.floating],
+    mpp: float,
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Pair detected cells with ground-truth cells, one to one, within half a diameter.
+
+    Parameters
+    ----------
+    truth_xy : (N, 2) float
+        Ground-truth centres (level-0 pixels), e.g. the ``x`` and ``y`` of ``OUT.cells.csv``.
+    diameter_um : (N,) float
+        Their diameters.
+    found_xy : (M, 2) float
+        Detected centres (level-0 pixels).
+    mpp : float
+        Level-0 microns per pixel.
+
+    Returns
+    -------
+    truth_index, found_index : (K,) int
+        Matched pairs, chosen to minimise the total distance (Hungarian assignment).
+    """
+    truth_xy = np.asarray(truth_xy, dtype=float).reshape(-1, 2)
+    found_xy = np.asarray(found_xy, dtype=float).reshape(-1, 2)
+    if not len(truth_xy) or not len(found_xy):
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    distance = np.hypot(*(truth_xy[:, None, :] - found_xy[None, :, :]).transpose(2, 0, 1)) * mpp
+    within = distance <= np.asarray(diameter_um, dtype=float)[:, None] / 2
+    rows, cols = linear_sum_assignment(np.where(within, distance, 1e9))
+    keep = within[rows, cols]
+    return rows[keep], cols[keep]
 
 
 # ----------------------------------------------------------------------------------------------
