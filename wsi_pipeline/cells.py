@@ -469,7 +469,7 @@ def _core_density(od: NDArray[np.float32], f: int, px_um: float, params: DetectP
     Chromatin absorbs red light strongly; red cells, platelet granules and pale precipitate
     hardly do, so only a solid piece of nucleus gives a high value over the whole window.
     """
-    red = np.ascontiguousarray(_block_mean(od, f)[..., 0])
+    red = _block_mean(cv2.extractChannel(od, 0), f)
     side = max(1, round(params.core_um / px_um))
     # The window and borders of ndi.uniform_filter (mirrored edges).
     return cv2.blur(red, (side, side), borderType=cv2.BORDER_REFLECT)
