@@ -9,7 +9,7 @@ import openslide
 import pytest
 from PIL import Image
 
-from wsi_pipeline.slide import SlideError, find_slides, open_slide
+from wsi_pipeline.slide import SlideError, find_slides, open_slide, resize_region
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,25 @@ def test_non_pyramidal_tiff_falls_back_to_tiatoolbox(slides):
     half = slide.read_region((300, 200), (200, 150), mpp=1.0)
     block_means = pixels[200:500, 300:700].reshape(150, 2, 200, 2, 3).mean(axis=(1, 3))
     assert np.abs(half - block_means).mean() < 1.0
+
+
+@pytest.mark.parametrize(
+    ("size", "out"),
+    [
+        ((1366, 1366), (1024, 1024)),  # 0.25 -> 1/3 um/px, the usual tile
+        ((1366, 901), (800, 530)),  # ties between footprints fall as in Pillow
+        ((300, 200), (299, 200)),
+        ((100, 90), (40, 36)),  # more than 2x: Pillow itself
+        ((50, 50), (80, 80)),  # enlarging: bilinear
+    ],
+)
+def test_resize_is_pillows_box_filter_within_one_grey_level(size, out):
+    image = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    filter_ = Image.BOX if out[0] < size[0] else Image.BILINEAR
+    expected = np.asarray(Image.fromarray(image).resize(out, filter_)).astype(int)
+    resized = resize_region(image, out)
+    assert resized.shape == (out[1], out[0], 3)
+    assert np.abs(resized - expected).max() <= 1
 
 
 def test_transparent_pixels_become_glass_white(tmp_path):
