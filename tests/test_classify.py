@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.classify import Classifier, classify_crops, get_classifier
@@ -46,6 +47,20 @@ def test_batch_size_does_not_change_the_result(classifier, synthetic_cells):
     np.testing.assert_allclose(
         small.predict_proba(crops), classifier.predict_proba(crops), atol=1e-5
     )
+
+
+def test_cpu_threads_share_the_batches_without_changing_the_result(classifier, synthetic_cells):
+    crops = synthetic_cells[0][:20]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = classifier.predict_proba(crops)
+        torch.set_num_threads(3)
+        shared = classifier.predict_proba(crops)  # three workers of 7, 7 and 6 crops
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(shared, alone, atol=1e-5)
 
 
 def test_test_time_augmentation_averages_dihedral_views(classifier, synthetic_cells):

@@ -3,22 +3,22 @@
 The stage functions here take plain data and return plain data, so the same functions run in
 process for one slide (:func:`run_slide`) and as Dask tasks for directories. Reading and
 detection run up to :data:`PREFETCH_TILES` tiles ahead of classification on a background
-thread, while a CPU classifier leaves them one core; the store, the GeoJSON and the report are
-written as the cells stream past, and the store is marked complete last.
+thread; the store, the GeoJSON and the report are written as the cells stream past, and the
+store is marked complete last.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 from PIL import Image
 from skimage import measure
@@ -268,47 +268,16 @@ def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> Ti
     return TileCells(columns, cells.crops, seconds)
 
 
-class Prefetch(Generic[T, R]):
-    """``map(fn, items)`` computed up to ``depth`` items ahead on a background thread, in order.
-
-    Iterate over it once; :attr:`busy` tells whether the background thread is working now.
-    """
-
-    def __init__(self, fn: Callable[[T], R], items: Iterable[T], depth: int = 2):
-        self.fn, self.items, self.depth = fn, items, depth
-        self._pending: list[Future[R]] = []
-
-    def __iter__(self) -> Iterator[R]:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for item in self.items:
-                self._pending.append(pool.submit(self.fn, item))
-                if len(self._pending) > self.depth:
-                    yield self._pending.pop(0).result()
-            while self._pending:
-                yield self._pending.pop(0).result()
-
-    @property
-    def busy(self) -> bool:
-        """Whether an item is being computed (or waits for the thread) right now."""
-        return not all(future.done() for future in self._pending)
-
-
-@contextmanager
-def cpu_threads(classifier: Classifier, spare_one: bool) -> Iterator[None]:
-    """Run the classifier on one CPU thread fewer while ``spare_one`` (detection is running).
-
-    PyTorch's CPU threads wait for each other at every operation, so when another thread holds
-    one of the cores all of them slow down (4x on 2 cores, against 1.6x for one thread fewer).
-    """
-    threads = torch.get_num_threads()
-    fewer = classifier.device.type == "cpu" and spare_one and threads > 1
-    if fewer:
-        torch.set_num_threads(threads - 1)
-    try:
-        yield
-    finally:
-        if fewer:
-            torch.set_num_threads(threads)
+def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[R]:
+    """``map(fn, items)`` computed up to ``depth`` items ahead on a background thread, in order."""
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def batched(
@@ -502,12 +471,11 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
 
     def classified() -> Iterator[TileCells]:
         counted = 0
-        ahead = Prefetch(detect, plan.tiles, PREFETCH_TILES)
+        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES)
         for batch in batched(ahead, classifier.batch_size, bar.update):
             counted += len(batch)
             bar.set_postfix(cells=counted)
-            with cpu_threads(classifier, spare_one=ahead.busy):
-                yield classify_cells(classifier, batch, options.tta)
+            yield classify_cells(classifier, batch, options.tta)
         bar.close()
 
     return write_outputs(plan, classified(), classifier, options, out_dir)
