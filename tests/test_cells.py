@@ -8,11 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
+from skimage import morphology
 
 from wsi_pipeline.cells import (
     CONTOUR_VERTICES,
     CellTable,
     DetectParams,
+    _drop_small,
+    _label,
     detect_cells,
     learn_threshold,
     nuclear_stain,
@@ -53,6 +57,18 @@ def test_nuclear_stain_separates_nuclei_from_red_cells_and_glass():
     purple, pink, glass = (140, 126, 210), (222, 150, 155), (243, 241, 246)
     stain = nuclear_stain(np.array([[purple, pink, glass]], dtype=np.uint8))[0]
     assert stain[0] > stain[2] + 0.3 > stain[1] + 0.3
+
+
+def test_labelling_is_scipys_and_small_pieces_go_as_in_skimage():
+    mask = np.random.default_rng(0).random((300, 400)) < 0.45
+    expected, count = ndi.label(mask)
+    labels, n = _label(mask)
+    assert n == count
+    np.testing.assert_array_equal(labels, expected)
+    for max_size in (0, 3, 20):
+        np.testing.assert_array_equal(
+            _drop_small(mask, max_size), morphology.remove_small_objects(mask, max_size=max_size)
+        )
 
 
 def test_blank_image_has_no_cells():

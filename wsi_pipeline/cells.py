@@ -350,16 +350,29 @@ def _cell_mask(stain: NDArray[np.float32], threshold: float, px_um: float, param
     it is a nucleus by a solid core (:func:`_accept`).
     """
     min_piece = int(params.min_piece_um2 / px_um**2)
-    nuclear = morphology.remove_small_objects(
-        stain > threshold, max_size=int(params.lobe_um2 / px_um**2)
-    )
+    nuclear = _drop_small(stain > threshold, int(params.lobe_um2 / px_um**2))
     # Eosinophil granules unmix to strongly negative nuclear stain and hide the small lobes.
-    granular = morphology.remove_small_objects(
-        stain < -params.granule_factor * threshold, max_size=min_piece
-    )
+    granular = _drop_small(stain < -params.granule_factor * threshold, min_piece)
     grouped = _closing(nuclear | granular, _disk(params.group_um, px_um))
-    vouching = morphology.remove_small_objects(nuclear, max_size=min_piece) | granular
+    vouching = _drop_small(nuclear, min_piece) | granular
     return _fill_holes(grouped), vouching
+
+
+def _label(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
+    """4-connected components of ``mask`` numbered 1..N in raster order, and N (as
+    ``ndi.label``), by OpenCV."""
+    count, labels = cv2.connectedComponents(
+        np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
+    )
+    return labels, count - 1
+
+
+def _drop_small(mask: NDArray[np.bool_], max_size: int) -> NDArray[np.bool_]:
+    """``mask`` without its 4-connected components of ``max_size`` pixels or fewer."""
+    labels, count = _label(mask)
+    keep = np.bincount(labels.ravel(), minlength=count + 1) > max_size
+    keep[0] = False
+    return keep[labels]
 
 
 def _closing(mask: NDArray[np.bool_], disk: NDArray[np.uint8]) -> NDArray[np.bool_]:
@@ -371,7 +384,7 @@ def _closing(mask: NDArray[np.bool_], disk: NDArray[np.uint8]) -> NDArray[np.boo
 
 def _fill_holes(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     """``mask`` with every background region that does not reach the image edge filled."""
-    background, _ = ndi.label(~mask)
+    background, _ = _label(~mask)
     edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
     outside = np.zeros(background.max() + 1, dtype=bool)
     outside[edge] = True
@@ -394,7 +407,7 @@ def _label_cells(
     a solid core (``core``, see :func:`_core_density`) or covers ``seed_area_um2`` seeds a
     watershed of the mask's distance transform. Blobs without a seed stay whole.
     """
-    pieces, count = ndi.label(vouching)
+    pieces, count = _label(vouching)
     if count == 0:
         return _join_fragments(mask, px_um, params)
     group = _link(pieces, count, params.link_um / px_um)
@@ -432,7 +445,7 @@ def _join_fragments(
     each other share a label (the lobes of a segmented neutrophil, split wider than the closing
     joins). The joined region must still hold a solid core (:func:`_accept`).
     """
-    blobs, count = ndi.label(mask)
+    blobs, count = _label(mask)
     if count < 2:
         return blobs.astype(np.int32)
     area = np.bincount(blobs.ravel(), minlength=count + 1) * px_um**2
