@@ -171,9 +171,12 @@ class _TiledPages:
         (x, y), (width, height) = origin, size
         th, tw = page.tilelength, page.tilewidth
         across = -(-page.imagewidth // tw)
-        out = np.full((height, width, 3), 255, dtype=np.uint8)  # outside the image is glass
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, page.imagewidth), min(y + height, page.imagelength)
+        if (x0, y0, x1, y1) == (x, y, x + width, y + height):
+            out = np.empty((height, width, 3), dtype=np.uint8)  # every pixel gets decoded
+        else:
+            out = np.full((height, width, 3), 255, dtype=np.uint8)  # outside the image is glass
         for row in range(y0 // th, -(-y1 // th)):
             for col in range(x0 // tw, -(-x1 // tw)):
                 index = row * across + col
