@@ -18,7 +18,7 @@ Prints one JSON document with seconds, megapixels or cells per second, peak RSS,
 issue 7 and their aims, the machine and the versions. Megapixels are level-0 pixels.
 
 Usage: ``python benchmarks/run.py [--sizes 20000 60000] [--cache DIR] [--classifier NAME]``
-(about 9 min on 2 cores the first time, 1 GB of cached slides; 7 min once they are cached)
+(about 7 min on 2 cores the first time, 1 GB of cached slides; 4.5 min once they are cached)
 """
 
 from __future__ import annotations
