@@ -245,6 +245,19 @@ def _red_cell_diameters(rgb: NDArray[np.uint8]) -> list[float]:
     return diameters
 
 
+def _clear_of_cells(
+    found_xy: NDArray[np.floating],
+    truth_xy: NDArray[np.floating],
+    diameter_um: NDArray[np.floating],
+    mpp: float,
+) -> NDArray[np.bool_]:
+    """Which detections lie farther than a whole diameter from every ground-truth cell."""
+    if not len(truth_xy):
+        return np.ones(len(found_xy), dtype=bool)
+    distance_um = np.hypot(*(found_xy[:, None, :] - truth_xy[None, :, :]).transpose(2, 0, 1)) * mpp
+    return np.all(distance_um > diameter_um[None, :], axis=1)
+
+
 def write_synthetic_crops(
     out: str | os.PathLike[str],
     seeds: Iterable[int],
@@ -258,8 +271,11 @@ def write_synthetic_crops(
     Its cells are found and cropped exactly as ``wsi-run`` finds and crops them (every smear
     region but glass), so a classifier trained on them sees the centring and resampling it
     meets at inference; each detection within half a diameter of a ground-truth cell (one to
-    one, nearest first) becomes ``OUT/<CLASS>/slide<seed>_<id>.png``. ``OUT/patients.csv``
-    names each crop's slide, so splits keep slides apart.
+    one, nearest first) becomes ``OUT/<CLASS>/slide<seed>_<id>.png``. Detections that overlap
+    no white cell at all (platelet clumps, debris) become artefacts,
+    ``OUT/ART/slide<seed>_d<index>.png``, so a classifier learns to leave them out of the
+    count; detections beside a cell they did not match (a split-off lobe) are not used.
+    ``OUT/patients.csv`` names each crop's slide, so splits keep slides apart.
 
     Parameters
     ----------
@@ -300,16 +316,18 @@ def write_synthetic_crops(
                 plan = plan_slide(slide, loaded, options)
                 found = detect_tiles(slide, plan.tiles, loaded, plan.threshold)
                 mpp = slide.mpp
-            matched = match_ground_truth(
-                [(float(c["x"]), float(c["y"])) for c in cells],
-                [float(c["diameter_um"]) for c in cells],
-                np.column_stack([found.columns["x"], found.columns["y"]]),
-                mpp,
-            )
-            for i, j in zip(*matched, strict=True):
-                cell = cells[i]
-                name = f"{cell['class']}/slide{seed}_{cell['id']}.png"
-                (out / cell["class"]).mkdir(parents=True, exist_ok=True)
+            truth_xy = np.array([(float(c["x"]), float(c["y"])) for c in cells]).reshape(-1, 2)
+            diameter_um = np.array([float(c["diameter_um"]) for c in cells])
+            found_xy = np.column_stack([found.columns["x"], found.columns["y"]])
+            pairs = match_ground_truth(truth_xy, diameter_um, found_xy, mpp)
+            labels = {
+                int(j): f"{cells[i]['class']}/slide{seed}_{cells[i]['id']}.png"
+                for i, j in zip(*pairs, strict=True)
+            }
+            for j in np.flatnonzero(_clear_of_cells(found_xy, truth_xy, diameter_um, mpp)):
+                labels[int(j)] = f"ART/slide{seed}_d{j}.png"
+            for j, name in sorted(labels.items()):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(found.crops[j]).save(out / name)
                 rows.append((name, f"synthetic-slide-{seed}"))
     with open(out / "patients.csv", "w", newline="", encoding="utf-8") as stream:
