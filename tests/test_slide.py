@@ -7,9 +7,11 @@ import shutil
 import numpy as np
 import openslide
 import pytest
+import tifffile
 from PIL import Image
 
 from wsi_pipeline.slide import SlideError, find_slides, open_slide, resize_region
+from wsi_pipeline.synth import write_synthetic_slide
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +148,15 @@ def test_resize_is_pillows_box_filter_within_one_grey_level(size, out):
     resized = resize_region(image, out)
     assert resized.shape == (out[1], out[0], 3)
     assert np.abs(resized - expected).max() <= 1
+
+
+def test_ycbcr_jpeg_tiles_decode_by_simplejpeg_to_tifffiles_pixels(tmp_path):
+    write_synthetic_slide(tmp_path / "s.svs", size=(1500, 1000), seed=3)
+    with open_slide(tmp_path / "s.svs") as slide, tifffile.TiffFile(tmp_path / "s.svs") as tif:
+        tiles = slide._reader._tiles
+        assert tiles._simplejpeg_agrees(tiles.pages[0])  # the fast decoder is in use
+        expected = tif.pages[0].asarray()
+        np.testing.assert_array_equal(slide.read_region((0, 0), (1500, 1000)), expected)
 
 
 def test_transparent_pixels_become_glass_white(tmp_path):
