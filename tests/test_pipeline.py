@@ -64,12 +64,6 @@ def ground_truth(slide: Path, rings: list) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 5 open: every class is within 2 points but segmented neutrophils, 2.2 low on "
-    "this slide (20 of its 25 counted; 2 called band, 2 uncertain): the generator draws 4 lobes "
-    "touching on tight curves, which read as band. Seeds 202, 303 and 404 are within 0.72 points",
-)
 def test_differential_matches_ground_truth_within_two_points(synthetic, synthetic_run):
     run, _ = synthetic_run
     root = zarr.open_group(run.store, mode="r")

@@ -540,14 +540,21 @@ def _arc(radius: float, start: float, span: float, n: int = 12) -> NDArray:
     return np.column_stack([radius * np.cos(angles), radius * np.sin(angles)])
 
 
-def _nuclear_path(r: float, rng: np.random.Generator) -> NDArray:
-    """Centre line of a band or segmented nucleus: a C, U or S curve inside the cell."""
-    if rng.random() < 0.3:  # S shape: two half-arcs bending opposite ways
+def _nuclear_path(r: float, rng: np.random.Generator, open_ends: bool = False) -> NDArray:
+    """Centre line of a band or segmented nucleus: a C, U or S curve inside the cell.
+
+    With ``open_ends`` the curve is a C of at most 1.35 pi, whose ends stay apart: the ends of
+    the S and of wider Cs come close enough for lobes placed there to touch.
+    """
+    s_shape = rng.random() < 0.3
+    if s_shape and not open_ends:  # two half-arcs bending opposite ways
         rho = 0.3 * r
         first = _arc(rho, np.pi, -np.pi * 0.9) + [0.0, -rho]
         second = _arc(rho, np.pi, np.pi * 0.9) + [0.0, rho]
         return np.vstack([first[::-1], second])
     span = rng.uniform(1.1, 1.6) * np.pi
+    if open_ends:
+        span = min(span, 1.35 * np.pi)
     return _arc(rng.uniform(0.42, 0.52) * r, -span / 2, span)
 
 
@@ -601,14 +608,23 @@ def _nucleus_band(u: FloatArray, v: FloatArray, r: float, rng: np.random.Generat
 def _nucleus_segmented(
     u: FloatArray, v: FloatArray, r: float, rng: np.random.Generator
 ) -> FloatArray:
-    path = _nuclear_path(r, rng)
+    path = _nuclear_path(r, rng, open_ends=True)
     strand = _polyline(u, v, path, 0.2)
-    # Five lobes on a path this short would touch and read as a lumpy band, so stop at four.
-    lobes = rng.integers(3, 5)
-    stops = np.linspace(0, len(path) - 1, lobes).round().astype(int)
-    lobe_r = 0.24 * r * rng.uniform(0.9, 1.1, lobes)
-    dist = [_ellipse(u, v, *path[i], lr, lr * 0.85) for i, lr in zip(stops, lobe_r, strict=True)]
+    centres, lobe_r = _apart_lobes(path, rng.integers(3, 5), 0.24 * r * rng.uniform(0.9, 1.1, 4))
+    dist = [_ellipse(u, v, *c, lr, lr * 0.85) for c, lr in zip(centres, lobe_r, strict=True)]
     return np.minimum(strand, np.minimum.reduce(dist))
+
+
+def _apart_lobes(path: NDArray, count: int, radii: FloatArray) -> tuple[NDArray, FloatArray]:
+    """Centres and radii of ``count`` lobes spread evenly along ``path``, or of three when
+    ``count`` would bring two of them within 30 % of touching: touching lobes read as a lumpy
+    band, not a segmented nucleus."""
+    for n in range(count, 2, -1):
+        centres = path[np.linspace(0, len(path) - 1, n).round().astype(int)]
+        i, j = np.triu_indices(n, 1)
+        if np.all(np.hypot(*(centres[i] - centres[j]).T) >= 1.3 * (radii[i] + radii[j])):
+            break
+    return centres, radii[:n]
 
 
 def _nucleus_bilobed(
