@@ -10,12 +10,7 @@ import torch
 
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.classify import Classifier, classify_crops, get_classifier
-from wsi_pipeline.datasets import (
-    _clear_of_cells,
-    load_crops,
-    scan_labelled_folder,
-    write_synthetic_crops,
-)
+from wsi_pipeline.datasets import load_crops, scan_labelled_folder, write_synthetic_crops
 
 CARD = "synthetic-demo"
 
@@ -28,15 +23,6 @@ def synthetic_cells(tmp_path_factory):
     items = scan_labelled_folder(folder)
     crops = load_crops([i.path for i in items], 96, 32.0, source_mpp=None)
     return crops, [i.label for i in items]
-
-
-def test_only_detections_clear_of_every_cell_are_artefacts():
-    truth, diameter_um = np.array([[0.0, 0.0], [400.0, 0.0]]), np.array([10.0, 20.0])
-    found = np.array([[30.0, 0.0], [50.0, 0.0], [330.0, 0.0], [200.0, 200.0]])  # level-0 px
-    clear = _clear_of_cells(found, truth, diameter_um, mpp=0.25)
-    # 7.5 um from a 10-um cell; 12.5 um from it; 17.5 um from a 20-um cell; far from both
-    np.testing.assert_array_equal(clear, [False, True, False, True])
-    assert _clear_of_cells(found, np.zeros((0, 2)), np.zeros(0), mpp=0.25).all()
 
 
 @pytest.fixture(scope="module")

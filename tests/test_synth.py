@@ -16,6 +16,7 @@ from wsi_pipeline.synth import (
     MORPHOLOGY,
     Region,
     SynthError,
+    clear_of_ground_truth,
     layout_slide,
     render_region,
     write_synthetic_slide,
@@ -201,3 +202,12 @@ def test_failed_write_leaves_no_partial_files(tmp_path: Path) -> None:
         write_synthetic_slide(blocker, size=(512, 512))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.svs"]
     assert list(blocker.iterdir()) == []
+
+
+def test_only_detections_clear_of_every_cell_are_artefacts():
+    truth, diameter_um = np.array([[0.0, 0.0], [400.0, 0.0]]), np.array([10.0, 20.0])
+    found = np.array([[30.0, 0.0], [50.0, 0.0], [330.0, 0.0], [200.0, 200.0]])  # level-0 px
+    clear = clear_of_ground_truth(truth, diameter_um, found, mpp=0.25)
+    # 7.5 um from a 10-um cell; 12.5 um from it; 17.5 um from a 20-um cell; far from both
+    np.testing.assert_array_equal(clear, [False, True, False, True])
+    assert clear_of_ground_truth(np.zeros((0, 2)), np.zeros(0), found, mpp=0.25).all()

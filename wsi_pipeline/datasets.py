@@ -245,19 +245,6 @@ def _red_cell_diameters(rgb: NDArray[np.uint8]) -> list[float]:
     return diameters
 
 
-def _clear_of_cells(
-    found_xy: NDArray[np.floating],
-    truth_xy: NDArray[np.floating],
-    diameter_um: NDArray[np.floating],
-    mpp: float,
-) -> NDArray[np.bool_]:
-    """Which detections lie farther than a whole diameter from every ground-truth cell."""
-    if not len(truth_xy):
-        return np.ones(len(found_xy), dtype=bool)
-    distance_um = np.hypot(*(found_xy[:, None, :] - truth_xy[None, :, :]).transpose(2, 0, 1)) * mpp
-    return np.all(distance_um > diameter_um[None, :], axis=1)
-
-
 def write_synthetic_crops(
     out: str | os.PathLike[str],
     seeds: Iterable[int],
@@ -299,7 +286,11 @@ def write_synthetic_crops(
     from wsi_pipeline.options import RunOptions
     from wsi_pipeline.pipeline import detect_tiles, plan_slide
     from wsi_pipeline.slide import open_slide
-    from wsi_pipeline.synth import match_ground_truth, write_synthetic_slide
+    from wsi_pipeline.synth import (
+        clear_of_ground_truth,
+        match_ground_truth,
+        write_synthetic_slide,
+    )
 
     out = Path(out)
     loaded = load_card(card)
@@ -324,7 +315,7 @@ def write_synthetic_crops(
                 int(j): f"{cells[i]['class']}/slide{seed}_{cells[i]['id']}.png"
                 for i, j in zip(*pairs, strict=True)
             }
-            for j in np.flatnonzero(_clear_of_cells(found_xy, truth_xy, diameter_um, mpp)):
+            for j in np.flatnonzero(clear_of_ground_truth(truth_xy, diameter_um, found_xy, mpp)):
                 labels[int(j)] = f"ART/slide{seed}_d{j}.png"
             for j, name in sorted(labels.items()):
                 (out / name).parent.mkdir(parents=True, exist_ok=True)

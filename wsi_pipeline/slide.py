@@ -227,9 +227,8 @@ def _whole_jpeg(tile: bytes, tables: bytes | None) -> bytes:
     """A TIFF JPEG tile as a self-contained JPEG stream: the shared tables spliced in."""
     if not tables:
         return tile
-    return (
-        tables[:-2] + tile[2:]
-    )  # the tables' stream without its end, the tile's without its start
+    # The tables' stream without its end marker, then the tile's without its start marker.
+    return tables[:-2] + tile[2:]
 
 
 class _OpenSlideReader:

@@ -43,6 +43,7 @@ __all__ = [
     "SlideLayout",
     "SynthError",
     "cells_csv_path",
+    "clear_of_ground_truth",
     "layout_slide",
     "match_ground_truth",
     "render_region",
@@ -471,15 +472,34 @@ def match_ground_truth(
     truth_index, found_index : (K,) int
         Matched pairs, chosen to minimise the total distance (Hungarian assignment).
     """
-    truth_xy = np.asarray(truth_xy, dtype=float).reshape(-1, 2)
-    found_xy = np.asarray(found_xy, dtype=float).reshape(-1, 2)
-    if not len(truth_xy) or not len(found_xy):
+    distance = _distance_um(truth_xy, found_xy, mpp)
+    if not distance.size:
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
-    distance = np.hypot(*(truth_xy[:, None, :] - found_xy[None, :, :]).transpose(2, 0, 1)) * mpp
     within = distance <= np.asarray(diameter_um, dtype=float)[:, None] / 2
     rows, cols = linear_sum_assignment(np.where(within, distance, 1e9))
     keep = within[rows, cols]
     return rows[keep], cols[keep]
+
+
+def clear_of_ground_truth(
+    truth_xy: NDArray[np.floating],
+    diameter_um: NDArray[np.floating],
+    found_xy: NDArray[np.floating],
+    mpp: float,
+) -> NDArray[np.bool_]:
+    """Which detected cells lie farther than a whole diameter from every ground-truth cell
+    (platelet clumps, debris); arguments as for :func:`match_ground_truth`."""
+    distance = _distance_um(truth_xy, found_xy, mpp)
+    return np.all(distance > np.asarray(diameter_um, dtype=float)[:, None], axis=0)
+
+
+def _distance_um(
+    truth_xy: NDArray[np.floating], found_xy: NDArray[np.floating], mpp: float
+) -> NDArray[np.float64]:
+    """(N, M) distances in µm between N ground-truth and M detected centres (level-0 px)."""
+    truth_xy = np.asarray(truth_xy, dtype=float).reshape(-1, 2)
+    found_xy = np.asarray(found_xy, dtype=float).reshape(-1, 2)
+    return np.hypot(*(truth_xy[:, None, :] - found_xy[None, :, :]).transpose(2, 0, 1)) * mpp
 
 
 # ----------------------------------------------------------------------------------------------
