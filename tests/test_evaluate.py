@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from wsi_pipeline.cards import load_card
 from wsi_pipeline.evaluate import (
     classification_report,
     comparison_table,
@@ -75,10 +76,16 @@ def test_default_card_on_a_few_real_pbc_cells(shared_data, tmp_path):
         (folder / class_dir.name).mkdir(parents=True)
         for image in sorted(class_dir.iterdir())[:4]:
             (folder / class_dir.name / image.name).symlink_to(image)
-    result = evaluate_folder(folder, ["default"], mpp=0.1, out_dir=tmp_path / "out")
+    # The same card twice, as when a retrained card is scored beside the shipped one.
+    card_path = str(load_card("default").path)
+    result = evaluate_folder(folder, ["default", card_path], mpp=0.1, out_dir=tmp_path / "out")
     json.dumps(result)  # JSON-able
+    assert list(result["reports"]) == ["default", "default-2"]
     report = result["reports"]["default"]
     assert report["n"] == 40
     assert report["n_unrecognised"] == 0
     assert report["accuracy"] > 0.6  # chance is 0.1
-    assert (tmp_path / "out" / "default.confusion.png").is_file()
+    assert result["reports"]["default-2"]["accuracy"] == report["accuracy"]
+    assert result["comparison"].splitlines()[0] == "| | default | default-2 |"
+    for label in ("default", "default-2"):
+        assert (tmp_path / "out" / f"{label}.confusion.png").is_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,8 @@ def evaluate_folder(
     dict
         JSON-able: ``folder``, ``subset``, ``reports`` (card name to
         :func:`classification_report` plus ``n_unrecognised``, images whose class the card has
-        no output for, left out of its scores), ``comparison`` (Markdown table) and ``files``.
+        no output for, left out of its scores; a name already used by an earlier card gets
+        ``-2``, ``-3``, ...), ``comparison`` (Markdown table) and ``files``.
     """
     from wsi_pipeline.classify import get_classifier
 
@@ -231,6 +232,7 @@ def evaluate_folder(
     files: list[str] = []
     for name in classifiers:
         card = load_card(name)
+        label = _unique_label(card.name, reports)
         classifier = get_classifier(card.path, device, batch_size)
         chosen = [i for i in items if subset is None or _subset_of(i.group, card) == subset]
         known = [i for i in chosen if i.label in card.codes]
@@ -241,12 +243,12 @@ def evaluate_folder(
         truth = [card.codes.index(i.label) for i in known]
         report = classification_report(truth, predicted, card.codes)
         report["n_unrecognised"] = len(chosen) - len(known)
-        reports[card.name] = report
+        reports[label] = report
         if out_dir is not None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
-            files.append(str(write_confusion_csv(report, out / f"{card.name}.confusion.csv")))
-            files.append(str(write_confusion_png(report, out / f"{card.name}.confusion.png")))
+            files.append(str(write_confusion_csv(report, out / f"{label}.confusion.csv")))
+            files.append(str(write_confusion_png(report, out / f"{label}.confusion.png")))
     return {
         "folder": str(folder),
         "subset": subset or "all",
@@ -254,6 +256,16 @@ def evaluate_folder(
         "comparison": comparison_table(reports),
         "files": files,
     }
+
+
+def _unique_label(name: str, taken: Mapping[str, Any]) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... when an earlier card has that name (a retrained
+    card scored beside the shipped one)."""
+    label, k = name, 1
+    while label in taken:
+        k += 1
+        label = f"{name}-{k}"
+    return label
 
 
 def _subset_of(group: str, card: ClassifierCard) -> str:
