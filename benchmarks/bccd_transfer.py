@@ -6,9 +6,10 @@ the red-cell boxes (7.5 µm / median box side). The five BCCD types are scored:
 
 * before fine-tuning: ``default``'s probabilities summed per type (NGS + NGB for neutrophils;
   its immature and erythroid classes are left out of the argmax);
-* after fine-tuning: 5-fold cross-validation by image, each fold fine-tuning ``default``
-  (all layers, small learning rate) on the other four folds with the types mapped to its
-  classes, then scoring the held-out fold; the held-out predictions of all folds are pooled.
+* after fine-tuning: 5-fold cross-validation by image, each fold fine-tuning every member of
+  ``default``'s ensemble (all layers, small learning rate) on the other four folds with the
+  types mapped to its classes, then scoring the held-out fold; the held-out predictions of all
+  folds are pooled.
 
 Prints one JSON document. Usage: ``python benchmarks/bccd_transfer.py [--data DIR]``
 """
@@ -150,11 +151,12 @@ def main() -> None:
     after = np.empty_like(before)
     for fold in range(args.folds):
         held_out = folds == fold
-        model = copy.deepcopy(classifier.models[0])
+        members = [copy.deepcopy(model) for model in classifier.models]
+        train = LabelledCrops(cells.crops[~held_out], targets[~held_out])
         with tempfile.TemporaryDirectory() as workdir:
-            train = LabelledCrops(cells.crops[~held_out], targets[~held_out])
-            fit(model, card, train, None, config, Path(workdir), log=lambda line: None)
-        tuned = Classifier(card, device="cpu", models=[model.eval()])
+            for k, model in enumerate(members):  # each its own checkpoint folder
+                fit(model, card, train, None, config, Path(workdir, str(k)), log=lambda _: None)
+        tuned = Classifier(card, device="cpu", models=[model.eval() for model in members])
         after[held_out] = type_predictions(tuned.predict_proba(cells.crops[held_out]), codes)
 
     def compact(report: dict) -> dict:
