@@ -175,21 +175,19 @@ class _TiledPages:
     def _decode(self, page, raw: bytes, index: int) -> np.ndarray:
         """One tile as (tile length, tile width, 3) uint8."""
         if page.compression.name == "JPEG" and self._simplejpeg_agrees(page):
-            return simplejpeg.decode_jpeg(_whole_jpeg(raw, page.jpegtables), colorspace="RGB")
-        tile = page.decode(raw, index, jpegtables=page.jpegtables)[0]
-        return tile.reshape(page.tilelength, page.tilewidth, 3)
+            return _simplejpeg_decode(page, raw)
+        return _tifffile_decode(page, raw, index)
 
     def _simplejpeg_agrees(self, page) -> bool:
         agrees = self._simplejpeg.get(page.index)
         if agrees is None:
             index = int(np.argmax(np.asarray(page.databytecounts) > 0))
             raw = self._raw_tile(page, index)
-            expected = page.decode(raw, index, jpegtables=page.jpegtables)[0]
             try:
-                tile = simplejpeg.decode_jpeg(_whole_jpeg(raw, page.jpegtables), colorspace="RGB")
+                tile = _simplejpeg_decode(page, raw)
             except ValueError:
                 tile = None
-            agrees = tile is not None and np.array_equal(tile, expected.reshape(tile.shape))
+            agrees = tile is not None and np.array_equal(tile, _tifffile_decode(page, raw, index))
             self._simplejpeg[page.index] = agrees
         return agrees
 
@@ -221,6 +219,17 @@ class _TiledPages:
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _tifffile_decode(page, raw: bytes, index: int) -> np.ndarray:
+    """A tile by tifffile (imagecodecs) as (tile length, tile width, 3) uint8."""
+    tile = page.decode(raw, index, jpegtables=page.jpegtables)[0]
+    return tile.reshape(page.tilelength, page.tilewidth, 3)
+
+
+def _simplejpeg_decode(page, raw: bytes) -> np.ndarray:
+    """A JPEG tile by simplejpeg as RGB uint8 (its own shape: compare before trusting it)."""
+    return simplejpeg.decode_jpeg(_whole_jpeg(raw, page.jpegtables), colorspace="RGB")
 
 
 def _whole_jpeg(tile: bytes, tables: bytes | None) -> bytes:

@@ -566,7 +566,7 @@ def _nuclear_path(r: float, rng: np.random.Generator, open_ends: bool = False) -
     With ``open_ends`` the curve is a C of at most 1.35 pi, whose ends stay apart: the ends of
     the S and of wider Cs come close enough for lobes placed there to touch.
     """
-    s_shape = rng.random() < 0.3
+    s_shape = rng.random() < 0.3  # drawn either way: later draws, and so the slides, stay put
     if s_shape and not open_ends:  # two half-arcs bending opposite ways
         rho = 0.3 * r
         first = _arc(rho, np.pi, -np.pi * 0.9) + [0.0, -rho]
