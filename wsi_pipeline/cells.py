@@ -285,7 +285,7 @@ def slide_threshold(
     """
     if not samples:
         return params.min_threshold
-    stains = [_work_stain(optical_density(rgb), mpp, params).ravel() for rgb in samples]
+    stains = [_work_stain(_work_density(rgb, mpp, params), mpp, params).ravel() for rgb in samples]
     return learn_threshold(np.concatenate(stains), params)
 
 
@@ -316,20 +316,25 @@ def resample_ring(ring: NDArray[np.floating], n: int = CONTOUR_VERTICES) -> NDAr
 
 
 def _work_stain(od: NDArray[np.float32], mpp: float, params: DetectParams) -> NDArray[np.float32]:
-    """Nuclear stain averaged over blocks of whole pixels near ``work_mpp``, lightly smoothed.
-
-    ``od`` is the image's optical density (:func:`optical_density`). The block side is
-    :func:`_block` pixels; the image is padded at its far edges by repetition so every pixel
-    falls in a block.
-    """
-    f = _block(mpp, params)
-    stain = _block_mean(_unmix_nuclear(od), f)
-    sigma = params.smooth_um / (f * mpp)
+    """Nuclear stain of optical density already averaged to the working resolution
+    (:func:`_work_density`), lightly smoothed."""
+    stain = _unmix_nuclear(od)
+    sigma = params.smooth_um / (_block(mpp, params) * mpp)
     if sigma < 0.3:
         return stain
     # The kernel and borders of ndi.gaussian_filter (radius 4 sigma, mirrored edges).
     side = 2 * int(4.0 * sigma + 0.5) + 1
     return cv2.GaussianBlur(stain, (side, side), sigma, borderType=cv2.BORDER_REFLECT)
+
+
+def _work_density(rgb: NDArray[np.uint8], mpp: float, params: DetectParams) -> NDArray[np.float32]:
+    """Optical density averaged over blocks of whole pixels near ``work_mpp``.
+
+    The block side is :func:`_block` pixels; the image is padded at its far edges by repetition
+    so every pixel falls in a block. Averaging before unmixing costs a quarter of unmixing every
+    pixel, and the unmixing itself is linear.
+    """
+    return _block_mean(optical_density(rgb), _block(mpp, params))
 
 
 def _block(mpp: float, params: DetectParams) -> int:
@@ -399,7 +404,7 @@ def _label_cells(
     px_um: float,
     params: DetectParams,
 ) -> NDArray[np.int32]:
-    """One label per candidate cell.
+    """One label per candidate cell; some numbers may label no pixel.
 
     Touching cells are split by their nuclei: the vouching pieces (:func:`_cell_mask`) whose
     centres lie within ``link_um`` of each other, directly or through a chain, belong to one cell
@@ -414,25 +419,25 @@ def _label_cells(
     # Clusters of a promyelocyte's granules are pieces too, far from its pale nucleus: only a
     # group with a solid chromatin core, or as large as a pale nucleus, seeds a cell.
     group_core = np.zeros(group.max() + 1)
-    np.maximum.at(group_core, group, _label_maximum(core, pieces, count))
-    piece_area = np.bincount(pieces.ravel(), minlength=count + 1)[1:] * px_um**2
+    flat, which = _labelled(pieces)
+    np.maximum.at(group_core, group, _label_maximum(core, flat, which, count))
+    piece_area = np.bincount(which, minlength=count + 1)[1:] * px_um**2
     group_area = np.bincount(group, weights=piece_area, minlength=group.max() + 1)
     seeds = (group_core >= params.core_red_od) | (group_area >= params.seed_area_um2)
     group[~seeds[group]] = 0
     markers = np.concatenate([[0], group]).astype(np.int32)[pieces]
-    distance = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    distance = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
     labels = segmentation.watershed(-distance, markers, mask=mask)
     # Blobs without a seed keep one label each, after the seeded ones.
     unseeded = _join_fragments(mask & (labels == 0), px_um, params)
-    labels[unseeded > 0] = unseeded[unseeded > 0] + labels.max()
-    return _relabel_sequential(labels)
+    return np.where(unseeded > 0, unseeded + labels.max(), labels)
 
 
 def _link(pieces: NDArray[np.int32], count: int, reach_px: float) -> NDArray[np.intp]:
     """Group number (from 1) of each of ``count`` labelled pieces: pieces whose centres lie
     within ``reach_px`` of each other, directly or through a chain, share a group.
     """
-    centres = _centroids(pieces, count)
+    centres = _centroids(*_labelled(pieces), pieces.shape[1], count)
     pairs = cKDTree(centres).query_pairs(reach_px, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
     return connected_components(graph, directed=False)[1] + 1
@@ -443,7 +448,8 @@ def _join_fragments(
 ) -> NDArray[np.int32]:
     """Label the blobs of ``mask``; blobs too small to be a cell that lie within ``link_um`` of
     each other share a label (the lobes of a segmented neutrophil, split wider than the closing
-    joins). The joined region must still hold a solid core (:func:`_accept`).
+    joins). The joined region must still hold a solid core (:func:`_accept`). Some numbers may
+    label no pixel.
     """
     blobs, count = _label(mask)
     if count < 2:
@@ -460,7 +466,7 @@ def _join_fragments(
     # Fragments take their group's number after the other blobs' own numbers.
     relabel = np.arange(count + 1, dtype=np.int32)
     relabel[ids] = count + group
-    return _relabel_sequential(relabel[blobs])
+    return relabel[blobs]
 
 
 def _block_mean(image: NDArray[np.float32], f: int) -> NDArray[np.float32]:
@@ -476,44 +482,44 @@ def _block_mean(image: NDArray[np.float32], f: int) -> NDArray[np.float32]:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _core_density(od: NDArray[np.float32], f: int, px_um: float, params: DetectParams):
+def _core_density(od: NDArray[np.float32], px_um: float, params: DetectParams):
     """Red optical density averaged over a ``core_um`` square window, at the working resolution.
 
-    Chromatin absorbs red light strongly; red cells, platelet granules and pale precipitate
-    hardly do, so only a solid piece of nucleus gives a high value over the whole window.
+    ``od`` is :func:`_work_density`. Chromatin absorbs red light strongly; red cells, platelet
+    granules and pale precipitate hardly do, so only a solid piece of nucleus gives a high value
+    over the whole window.
     """
-    red = _block_mean(cv2.extractChannel(od, 0), f)
+    red = cv2.extractChannel(od, 0)
     side = max(1, round(params.core_um / px_um))
     # The window and borders of ndi.uniform_filter (mirrored edges).
     return cv2.blur(red, (side, side), borderType=cv2.BORDER_REFLECT)
 
 
-def _relabel_sequential(labels: NDArray[np.integer]) -> NDArray[np.int32]:
-    """Labels renumbered 1..N in the order of their old numbers, 0 kept as background."""
-    present = np.bincount(labels.ravel()) > 0
-    present[0] = False
-    lookup = np.zeros(len(present), dtype=np.int32)
-    lookup[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
-    return lookup[labels]
-
-
-def _centroids(labels: NDArray[np.integer], n: int) -> FloatArray:
-    """Centre (row, col) of each label 1..n, as an (n, 2) array, from labelled pixels only."""
+def _labelled(labels: NDArray[np.integer]) -> tuple[NDArray[np.intp], NDArray[np.integer]]:
+    """Flat indices of the labelled pixels and their labels. Cells cover a small part of a
+    tile, so per-label reductions run over these pixels alone."""
     flat = np.flatnonzero(labels)
-    which = labels.ravel()[flat]
-    rows, cols = np.divmod(flat, labels.shape[1])
+    return flat, labels.ravel()[flat]
+
+
+def _centroids(
+    flat: NDArray[np.intp], which: NDArray[np.integer], width: int, n: int
+) -> FloatArray:
+    """Centre (row, col) of each label 1..n, as an (n, 2) array, from the labelled pixels
+    (:func:`_labelled`) of an image ``width`` pixels wide."""
+    rows, cols = np.divmod(flat, width)
     size = np.bincount(which, minlength=n + 1)[1:]
     return np.column_stack(
         [np.bincount(which, weights=k, minlength=n + 1)[1:] / size for k in (rows, cols)]
     )
 
 
-def _label_maximum(values: NDArray, labels: NDArray[np.int32], n: int) -> FloatArray:
-    """Largest value under each label 1..n; only labelled pixels are passed to ``ndi.maximum``,
-    which sorts its input, because cells cover a small part of a tile.
-    """
-    inside = labels > 0
-    return np.asarray(ndi.maximum(values[inside], labels[inside], np.arange(1, n + 1)))
+def _label_maximum(
+    values: NDArray, flat: NDArray[np.intp], which: NDArray[np.integer], n: int
+) -> FloatArray:
+    """Largest value under each label 1..n, from the labelled pixels (:func:`_labelled`) only:
+    ``ndi.maximum`` sorts its input."""
+    return np.asarray(ndi.maximum(values.ravel()[flat], which, np.arange(1, n + 1)))
 
 
 def _outlines(labels: NDArray[np.int32], centroids: FloatArray, reach: float) -> FloatArray:
@@ -576,27 +582,31 @@ def detect_cells(
     """
     if mpp <= 0:
         raise ValueError(f"microns per pixel must be positive, got {mpp}")
-    od = optical_density(rgb)
+    od = _work_density(rgb, mpp, params)
     stain = _work_stain(od, mpp, params)
     threshold = learn_threshold(stain, params) if params.threshold is None else params.threshold
     f = _block(mpp, params)
     px_um = f * mpp
     mask, vouching = _cell_mask(stain, threshold, px_um, params)
-    core_map = _core_density(od, f, px_um, params)
+    core_map = _core_density(od, px_um, params)
     labels = _label_cells(mask, vouching, core_map, px_um, params)
-    index = np.arange(1, labels.max() + 1)
-    if len(index) == 0:
+    n = int(labels.max())
+    if n == 0:
         return CellTable()
-    area_um2 = np.bincount(labels.ravel(), minlength=len(index) + 1)[1:] * px_um**2
-    core = _label_maximum(core_map, labels, len(index))
-    vouched = _label_maximum(vouching, labels, len(index)).astype(bool)
-    keep = index[_accept(area_um2, core, vouched, params)]
+    flat, which = _labelled(labels)
+    # Unused label numbers have no area and are dropped with the rejected regions.
+    area_um2 = np.bincount(which, minlength=n + 1)[1:] * px_um**2
+    core = _label_maximum(core_map, flat, which, n)
+    vouched = _label_maximum(vouching, flat, which, n).astype(bool)
+    keep = np.flatnonzero(_accept(area_um2, core, vouched, params)) + 1
     # Renumber the kept cells 1..N and drop the rest.
-    lookup = np.zeros(len(index) + 1, dtype=np.int32)
+    lookup = np.zeros(n + 1, dtype=np.int32)
     lookup[keep] = np.arange(1, len(keep) + 1)
-    labels = lookup[labels]
+    which = lookup[which]
+    kept = which > 0
     return _table(
-        labels,
+        lookup[labels],
+        (flat[kept], which[kept]),
         stain,
         threshold,
         np.array(origin[::-1], dtype=float),
@@ -609,6 +619,7 @@ def detect_cells(
 
 def _table(
     labels: NDArray[np.int32],
+    pixels: tuple[NDArray[np.intp], NDArray[np.int32]],
     stain: NDArray[np.float32],
     threshold: float,
     offset: FloatArray,
@@ -617,19 +628,21 @@ def _table(
     level0_mpp: float,
     params: DetectParams,
 ) -> CellTable:
-    """Level-0 :class:`CellTable` of the labelled cells; ``offset`` is the image origin (y, x)."""
-    n = int(labels.max())
+    """Level-0 :class:`CellTable` of the cells labelled 1..N; ``pixels`` are their labelled
+    pixels (:func:`_labelled`) and ``offset`` is the image origin (y, x)."""
+    flat, which = pixels
+    n = int(which.max(initial=0))
     if n == 0:
         return CellTable()
-    centroids = _centroids(labels, n)
+    centroids = _centroids(flat, which, labels.shape[1], n)
     boxes = np.array(
         [[b.start for b in box] + [b.stop for b in box] for box in ndi.find_objects(labels)],
         dtype=float,
     )
     reach = float(np.hypot(*(boxes[:, 2:] - boxes[:, :2]).T).max())
     outline = _outlines(labels, centroids, reach)
-    size = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    total_stain = np.bincount(labels.ravel(), weights=np.abs(stain).ravel(), minlength=n + 1)
+    size = np.bincount(which, minlength=n + 1)[1:]
+    total_stain = np.bincount(which, weights=np.abs(stain.ravel()[flat]), minlength=n + 1)
     mean_stain = total_stain[1:] / size
     scale = px_um / level0_mpp  # level-0 pixels per working pixel
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
+from wsi_pipeline.cells import optical_density
 from wsi_pipeline.tiles import Tile
 
 __all__ = ["CLASSES", "RegionMap", "RegionParams", "score_regions"]
@@ -99,12 +101,14 @@ class RegionMap:
         return [tile for tile in tiles if self.classify(tile)[0] in classes]
 
 
+_CHANNEL_SUM = np.ones((1, 3), dtype=np.float32)  # cv2.transform row adding the three channels
+
+
 def _glass_od(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     """Total optical density against the slide's glass, taken as its brightest pixels."""
-    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-    total = od.sum(axis=2)
+    total = cv2.transform(optical_density(rgb), _CHANNEL_SUM)
     glass = np.percentile(total, 1.0)
-    return np.clip(total - glass, 0.0, None)
+    return np.maximum(total - glass, 0.0)
 
 
 def score_regions(
