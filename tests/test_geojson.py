@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from wsi_pipeline.geojson import UNCERTAIN_CLASS, hex_to_rgb, write_geojson
+from wsi_pipeline.geojson import UNCERTAIN_CLASS, GeoJSONWriter, hex_to_rgb, write_geojson
 from wsi_pipeline.taxonomy import cell_class
 
 CODES = ("BLA", "EBO", "NGS")
@@ -104,3 +104,15 @@ def test_missing_colour_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no colour for classes NGS"):
         write_geojson(tmp_path / "x.geojson", [], CODES, {"BLA": (1, 2, 3), "EBO": (1, 2, 3)})
     assert not any(tmp_path.iterdir())
+
+
+def test_nothing_is_published_before_commit(tmp_path):
+    path = tmp_path / "demo.geojson"
+    with (
+        pytest.raises(RuntimeError, match="classifier failed"),
+        GeoJSONWriter(path, CODES, COLORS, region=REGION) as out,
+    ):
+        out.write(next(cell_batches(1, 10)))
+        assert not path.exists()  # only the hidden partial file so far
+        raise RuntimeError("classifier failed")
+    assert not any(tmp_path.iterdir())  # the partial file is gone too

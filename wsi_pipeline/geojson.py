@@ -10,8 +10,9 @@ QuPath's reader (``PathObjectTypeAdapters`` in qupath-core) takes, per Feature:
 * ``properties.measurements``: a JSON object of name to number (from v0.4; a list before).
 
 Each cell becomes a ``detection`` with its contour as a closed Polygon ring; the counted region
-becomes one ``annotation``. The file is written feature by feature from an iterator of cell
-batches, so memory does not grow with the number of cells, to a temporary name then renamed.
+becomes one ``annotation``. :class:`GeoJSONWriter` writes the file batch by batch as cells are
+classified, so memory does not grow with the number of cells, to a hidden temporary name that
+only :meth:`GeoJSONWriter.commit` renames into place.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import gzip
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "UNCERTAIN_COLOR",
     "REGION_CLASS",
     "REGION_COLOR",
+    "GeoJSONWriter",
     "hex_to_rgb",
     "write_geojson",
 ]
@@ -119,36 +120,14 @@ def _open_text(path: Path, compress: bool) -> IO[str]:
     return open(path, "w", encoding="utf-8")
 
 
-@contextmanager
-def _atomic_text(path: Path) -> Iterator[IO[str]]:
-    """A text stream to a temporary file beside ``path``, renamed to ``path`` on success."""
-    temp = path.with_name(f".{path.name}.partial")
-    try:
-        with _open_text(temp, compress=path.suffix == ".gz") as stream:
-            yield stream
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def write_geojson(
-    path: str | Path,
-    batches: Iterable[Mapping[str, NDArray]],
-    class_codes: Sequence[str],
-    colors: Mapping[str, RGB],
-    *,
-    region: Sequence[NDArray[np.floating]] = (),
-    threshold: float = 0.0,
-) -> Path:
-    """Write cells (and the counted region) as a QuPath-importable FeatureCollection.
+class GeoJSONWriter:
+    """Write cells (and the counted region) as a QuPath-importable FeatureCollection, batch by
+    batch; publish the file with :meth:`commit`.
 
     Parameters
     ----------
     path : path
         Output file; a name ending in ``.gz`` (``.geojson.gz``) is gzip-compressed.
-    batches : iterable of mapping
-        Batches of the cell table with at least ``contour`` (n, K, 2), ``top_class`` (n,),
-        ``confidence`` (n,), ``probabilities`` (n, C) and ``area_um2`` (n,); level-0 pixels.
     class_codes : sequence of str
         The card's classes in probability order.
     colors : mapping of str to (r, g, b)
@@ -160,23 +139,76 @@ def write_geojson(
         Cells whose confidence is under it are classified ``"Uncertain"`` (grey), as in the
         differential; their probabilities stay in the measurements.
 
-    Returns
-    -------
-    Path
+    Notes
+    -----
+    Use it as a context manager: leaving the block without :meth:`commit` deletes the temporary
+    file ``.<name>.partial`` beside ``path``.
     """
-    path = Path(path)
-    missing = set(class_codes) - set(colors)
-    if missing:
-        raise ValueError(f"no colour for classes {', '.join(sorted(missing))}")
-    with _atomic_text(path) as stream:
-        stream.write('{"type": "FeatureCollection", "features": [\n')
-        separator = ""
+
+    def __init__(
+        self,
+        path: str | Path,
+        class_codes: Sequence[str],
+        colors: Mapping[str, RGB],
+        *,
+        region: Sequence[NDArray[np.floating]] = (),
+        threshold: float = 0.0,
+    ):
+        missing = set(class_codes) - set(colors)
+        if missing:
+            raise ValueError(f"no colour for classes {', '.join(sorted(missing))}")
+        self.path = Path(path)
+        self.class_codes = tuple(class_codes)
+        self.colors = dict(colors)
+        self.threshold = threshold
+        head = '{"type": "FeatureCollection", "features": [\n'
         if len(region):
-            stream.write(_region_feature(region))
-            separator = ",\n"
+            head += _region_feature(region)
+        self._separator = ",\n" if len(region) else ""
+        self._temp = self.path.with_name(f".{self.path.name}.partial")
+        self._stream = _open_text(self._temp, compress=self.path.suffix == ".gz")
+        self._stream.write(head)
+
+    def __enter__(self) -> GeoJSONWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._stream.closed:
+            self.abort()
+
+    def write(self, batch: Mapping[str, NDArray]) -> None:
+        """Append a batch of the cell table with at least ``contour`` (n, K, 2), ``top_class``
+        (n,), ``confidence`` (n,), ``probabilities`` (n, C) and ``area_um2`` (n,); level-0
+        pixels."""
+        features = _cell_features(batch, self.class_codes, self.colors, self.threshold)
+        for feature in features:
+            self._stream.write(self._separator + feature)
+            self._separator = ",\n"
+
+    def commit(self) -> Path:
+        """Close the collection and rename the file into place; returns ``path``."""
+        self._stream.write("\n]}\n")
+        self._stream.close()
+        os.replace(self._temp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Delete the temporary file."""
+        self._stream.close()
+        self._temp.unlink(missing_ok=True)
+
+
+def write_geojson(
+    path: str | Path,
+    batches: Iterable[Mapping[str, NDArray]],
+    class_codes: Sequence[str],
+    colors: Mapping[str, RGB],
+    *,
+    region: Sequence[NDArray[np.floating]] = (),
+    threshold: float = 0.0,
+) -> Path:
+    """Write all ``batches`` of cells through a :class:`GeoJSONWriter` (same parameters)."""
+    with GeoJSONWriter(path, class_codes, colors, region=region, threshold=threshold) as out:
         for batch in batches:
-            for feature in _cell_features(batch, class_codes, colors, threshold):
-                stream.write(separator + feature)
-                separator = ",\n"
-        stream.write("\n]}\n")
-    return path
+            out.write(batch)
+        return out.commit()

@@ -35,7 +35,7 @@ from wsi_pipeline.cells import (
 from wsi_pipeline.classify import Classifier, get_classifier
 from wsi_pipeline.counts import Differential, differential
 from wsi_pipeline.crops import crop_from_array
-from wsi_pipeline.geojson import hex_to_rgb, write_geojson
+from wsi_pipeline.geojson import GeoJSONWriter, hex_to_rgb
 from wsi_pipeline.options import REGION_CHOICES, RunOptions
 from wsi_pipeline.regions import CLASSES as REGION_CLASSES
 from wsi_pipeline.regions import score_regions
@@ -362,7 +362,8 @@ def write_outputs(
     options: RunOptions,
     out_dir: Path,
 ) -> SlideRun:
-    """Stream classified batches into the store, explain, count, and write every output.
+    """Stream classified batches into the store and the GeoJSON, explain, count, and write
+    every output.
 
     The store is committed (``status`` complete) only after the GeoJSON and the report exist.
 
@@ -386,7 +387,17 @@ def write_outputs(
     paths = output_paths(out_dir, plan.stem, options.gzip_geojson)
     chosen = _Explained(options.saliency_cells)
     attrs = plan.attrs
-    with ResultWriter(out_dir, plan.stem, card.codes, card.model.input_size, attrs) as writer:
+    colours = {c.code: hex_to_rgb(c.colour) for c in card.classes}
+    with (
+        ResultWriter(out_dir, plan.stem, card.codes, card.model.input_size, attrs) as writer,
+        GeoJSONWriter(
+            paths["geojson"],
+            card.codes,
+            colours,
+            region=plan.region,
+            threshold=options.min_confidence,
+        ) as features,
+    ):
         for batch in batches:
             for name, seconds in batch.seconds.items():
                 timings[name] = timings.get(name, 0.0) + seconds
@@ -396,6 +407,7 @@ def write_outputs(
                 first = writer.n_cells
                 cells = {**batch.columns, "id": first + np.arange(len(batch), dtype=np.int64)}
                 writer.append_cells(cells, batch.crops)
+                features.write(cells)
                 chosen.add(first, cells, batch.crops)
 
         with stage("explain"):
@@ -417,15 +429,7 @@ def write_outputs(
             )
             writer.write_counts(result)
             _write_mosaics(writer, paths["mosaics"], mosaics)
-            colours = {c.code: hex_to_rgb(c.colour) for c in card.classes}
-            write_geojson(
-                paths["geojson"],
-                writer.iter_cells(),
-                card.codes,
-                colours,
-                region=plan.region,
-                threshold=options.min_confidence,
-            )
+            features.commit()
             write_report(
                 paths["report"],
                 result,
