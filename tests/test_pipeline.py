@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from skimage.measure import points_in_poly
 
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.options import RunOptions
-from wsi_pipeline.pipeline import run_slide
+from wsi_pipeline.pipeline import lower_thread_priority, prefetch, run_slide
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.store import read_summary
 from wsi_pipeline.synth import write_synthetic_slide
@@ -189,3 +191,42 @@ def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 10  # text, table and images, not a blank page
+
+
+def test_prefetch_says_once_when_it_runs_a_whole_buffer_ahead():
+    ahead: list[int] = []
+    out = []
+    for value in prefetch(lambda x: 2 * x, range(20), 4, ahead.append):
+        out.append(value)
+        time.sleep(0.01)  # a slow consumer: the buffer fills
+    assert out == [2 * x for x in range(20)]
+    assert len(ahead) == 1 and ahead[0] != threading.get_native_id()
+
+
+def test_prefetch_behind_its_consumer_never_says_so():
+    ahead: list[int] = []
+
+    def slow(x: int) -> int:
+        time.sleep(0.02)
+        return x
+
+    assert list(prefetch(slow, range(10), 3, ahead.append)) == list(range(10))
+    assert ahead == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_lower_thread_priority_lowers_that_thread_only():
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        lower_thread_priority(threading.get_native_id(), 5)
+        seen["expected"] = min(19, before + 5)
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["after"] == seen["expected"]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

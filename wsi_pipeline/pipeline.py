@@ -3,17 +3,20 @@
 The stage functions here take plain data and return plain data, so the same functions run in
 process for one slide (:func:`run_slide`) and as Dask tasks for directories. Reading and
 detection run up to :data:`PREFETCH_TILES` tiles ahead of classification on a background
-thread; the store, the GeoJSON and the report are written as the cells stream past, and the
-store is marked complete last.
+thread, which yields the CPU to the classifier once it is a whole buffer ahead; the store and
+the GeoJSON are written as the cells stream past, and the store is marked complete last.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +54,11 @@ REPORT_THUMBNAIL_PX = 1600  # longest side of the overview drawn in the report
 #: Tiles detected ahead of classification: about 1,700 cells, 46 MB of 96-px crops. Detection
 #: outpaces a CPU classifier, so this buffer fills and the classifier then takes every core.
 PREFETCH_TILES = 128
+#: Niceness added to the detection thread once the buffer is full. The classifier then sets the
+#: pace, and a detection thread that preempts one of torch's threads stalls them all at the
+#: next barrier: at lower priority it runs in the time the classifier leaves (end to end on
+#: 2 cores: 88 s instead of 100 s).
+AHEAD_NICENESS = 10
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -268,16 +276,42 @@ def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> Ti
     return TileCells(columns, cells.crops, seconds)
 
 
-def prefetch(fn: Callable[[T], R], items: Iterable[T], depth: int = 2) -> Iterator[R]:
-    """``map(fn, items)`` computed up to ``depth`` items ahead on a background thread, in order."""
+def prefetch(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    depth: int = 2,
+    on_ahead: Callable[[int], Any] | None = None,
+) -> Iterator[R]:
+    """``map(fn, items)`` computed up to ``depth`` items ahead on a background thread, in order.
+
+    ``on_ahead`` is called once with the thread's native id the first time all ``depth`` items
+    are ready before they are asked for: from then on the consumer, not ``fn``, sets the pace.
+    """
     pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    worker: list[int] = []  # the thread's native id, set when it starts
+
+    def started() -> None:
+        worker.append(threading.get_native_id())
+
+    with ThreadPoolExecutor(max_workers=1, initializer=started) as pool:
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) > depth:
+                if on_ahead is not None and pending[-2].done():  # and so every earlier one
+                    on_ahead(worker[0])
+                    on_ahead = None
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def lower_thread_priority(thread_id: int, step: int = AHEAD_NICENESS) -> None:
+    """Add ``step`` to one thread's niceness, up to 19 (Linux only; elsewhere, or if refused,
+    nothing changes)."""
+    if sys.platform.startswith("linux"):
+        with suppress(OSError):
+            now = os.getpriority(os.PRIO_PROCESS, thread_id)
+            os.setpriority(os.PRIO_PROCESS, thread_id, min(19, now + step))
 
 
 def batched(
@@ -475,7 +509,7 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
 
     def classified() -> Iterator[TileCells]:
         counted = 0
-        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES)
+        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES, lower_thread_priority)
         for batch in batched(ahead, classifier.batch_size, bar.update):
             counted += len(batch)
             bar.set_postfix(cells=counted)
