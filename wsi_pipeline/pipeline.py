@@ -59,6 +59,8 @@ PREFETCH_TILES = 128
 #: next barrier: at lower priority it runs in the time the classifier leaves (end to end on
 #: 2 cores: 88 s instead of 100 s).
 AHEAD_NICENESS = 10
+#: Classified batches queued for writing before the classifier waits (about 64 cells each).
+WRITES_AHEAD = 8
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -160,23 +162,29 @@ def plan_slide(
     slide: Slide, card: ClassifierCard, options: RunOptions, checksum: str | None = None
 ) -> SlidePlan:
     """Checksum the slide (unless given), score the smear, lay out tiles at the card's
-    resolution and learn the slide's stain threshold."""
+    resolution and learn the slide's stain threshold.
+
+    The checksum is computed on a second thread while the rest is planned; the ``open`` timing
+    is the wait for it after planning.
+    """
     timings: dict[str, float] = {}
     stage = _stage_timer(timings)
-    with stage("open"):
-        checksum = checksum or slide_checksum(slide.info.path)
-    with stage("plan"):
-        thumbnail = slide.thumbnail(REGION_MPP)
-        regions = score_regions(thumbnail, REGION_MPP)
-        overlap_um = max(card.model.fov_um, DetectParams().max_diameter_um)
-        grid = plan_tiles(slide.info.dimensions, slide.mpp, card.mpp, TILE_SIZE, overlap_um)
-        classes = [regions.classify(tile)[0] for tile in grid]
-        wanted = REGION_CHOICES[options.region]
-        tiles = [tile for tile, c in zip(grid, classes, strict=True) if c in wanted]
-        scale = slide.mpp / REGION_MPP
-        region = _region_rings(tiles, thumbnail.shape[:2], scale)
-        threshold = _slide_threshold(slide, tiles)
-        overview, shrink = _report_thumbnail(thumbnail)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = None if checksum else pool.submit(slide_checksum, slide.info.path)
+        with stage("plan"):
+            thumbnail = slide.thumbnail(REGION_MPP)
+            regions = score_regions(thumbnail, REGION_MPP)
+            overlap_um = max(card.model.fov_um, DetectParams().max_diameter_um)
+            grid = plan_tiles(slide.info.dimensions, slide.mpp, card.mpp, TILE_SIZE, overlap_um)
+            classes = [regions.classify(tile)[0] for tile in grid]
+            wanted = REGION_CHOICES[options.region]
+            tiles = [tile for tile, c in zip(grid, classes, strict=True) if c in wanted]
+            scale = slide.mpp / REGION_MPP
+            region = _region_rings(tiles, thumbnail.shape[:2], scale)
+            threshold = _slide_threshold(slide, tiles)
+            overview, shrink = _report_thumbnail(thumbnail)
+        with stage("open"):
+            checksum = checksum or hashing.result()
     attrs = {
         "slide": {**slide.info.as_dict(), "sha256": checksum},
         "classifier": {**card.to_dict(), "path": str(card.path)},
@@ -314,6 +322,10 @@ def lower_thread_priority(thread_id: int, step: int = AHEAD_NICENESS) -> None:
             os.setpriority(os.PRIO_PROCESS, thread_id, min(19, now + step))
 
 
+def _lower_own_priority() -> None:
+    lower_thread_priority(threading.get_native_id())
+
+
 def batched(
     parts: Iterable[TileCells], size: int, on_part: Callable[[], Any] | None = None
 ) -> Iterator[TileCells]:
@@ -431,18 +443,32 @@ def write_outputs(
             region=plan.region,
             threshold=options.min_confidence,
         ) as features,
+        # Compressing chunks and encoding GeoJSON run on a low-priority thread, in order, in the
+        # time the classifier leaves.
+        ThreadPoolExecutor(max_workers=1, initializer=_lower_own_priority) as background,
     ):
+
+        def write(cells: dict[str, NDArray], crops: NDArray[np.uint8]) -> None:
+            writer.append_cells(cells, crops)
+            features.write(cells)
+
+        writing: deque[Future[None]] = deque()
+        counted = 0
         for batch in batches:
             for name, seconds in batch.seconds.items():
                 timings[name] = timings.get(name, 0.0) + seconds
             if not len(batch):
                 continue
             with stage("write"):
-                first = writer.n_cells
-                cells = {**batch.columns, "id": first + np.arange(len(batch), dtype=np.int64)}
-                writer.append_cells(cells, batch.crops)
-                features.write(cells)
-                chosen.add(first, cells, batch.crops)
+                cells = {**batch.columns, "id": counted + np.arange(len(batch), dtype=np.int64)}
+                writing.append(background.submit(write, cells, batch.crops))
+                chosen.add(counted, cells, batch.crops)
+                counted += len(batch)
+                if len(writing) > WRITES_AHEAD:
+                    writing.popleft().result()
+        with stage("write"):
+            for done in writing:
+                done.result()
 
         with stage("explain"):
             maps = explain_cells(classifier, chosen, options.saliency)

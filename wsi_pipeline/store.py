@@ -12,7 +12,6 @@ from __future__ import annotations
 import platform
 import shutil
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -154,10 +153,6 @@ class ResultWriter:
         self._written_cells = 0
         self._without_crops = False
         self._committed = False
-        # Chunks are compressed and written on one background thread while the caller goes on
-        # (classifies the next cells); one write at a time keeps the appends in order.
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-write")
-        self._writing: Future[None] | None = None
 
     def _create_arrays(self) -> None:
         size = self.crop_size
@@ -231,8 +226,7 @@ class ResultWriter:
             self._flush(whole_chunks=True)
 
     def _flush(self, whole_chunks: bool = False) -> None:
-        """Start writing the cells held in memory; with ``whole_chunks``, only whole crop
-        chunks. :meth:`_settle` waits for the write."""
+        """Write the cells held in memory; with ``whole_chunks``, only whole crop chunks."""
         total = self._pending_cells
         n = total - (total % CROP_CHUNK if whole_chunks else 0)
         if n == 0:
@@ -242,12 +236,10 @@ class ResultWriter:
             for name in self._columns
         }
         crops = None if self._without_crops else np.concatenate([c for _, c in self._pending])
-        self._settle()
-        self._writing = self._background.submit(
-            self._write,
-            {name: values[:n] for name, values in columns.items()},
-            None if crops is None else crops[:n],
-        )
+        for name, values in columns.items():
+            self._root[f"cells/{name}"].append(values[:n])
+        if crops is not None:
+            self._root["crops"].append(crops[:n])
         rest = (
             {name: values[n:] for name, values in columns.items()},
             None if crops is None else crops[n:],
@@ -256,22 +248,9 @@ class ResultWriter:
         self._pending_cells = total - n
         self._written_cells += n
 
-    def _write(self, columns: Mapping[str, NDArray], crops: NDArray[np.uint8] | None) -> None:
-        for name, values in columns.items():
-            self._root[f"cells/{name}"].append(values)
-        if crops is not None:
-            self._root["crops"].append(crops)
-
-    def _settle(self) -> None:
-        """Wait for the write in progress, if any; its error is raised here."""
-        writing, self._writing = self._writing, None
-        if writing is not None:
-            writing.result()
-
     def read_columns(self, *names: str) -> tuple[NDArray, ...]:
         """Whole ``cells/*`` columns appended so far (small ones: class, confidence, ...)."""
         self._flush()
-        self._settle()
         return tuple(self._root[f"cells/{name}"][:] for name in names)
 
     def append_saliency(self, cell_index: NDArray[np.integer], maps: Mapping[str, NDArray]) -> None:
@@ -324,7 +303,6 @@ class ResultWriter:
 
     def _check_complete(self) -> None:
         self._flush()
-        self._settle()
         n = self.n_cells
         crops = self._root["crops"].shape[0]
         if crops not in (0, n):
@@ -360,12 +338,10 @@ class ResultWriter:
         self.path.rename(self.final_path)
         shutil.rmtree(old, ignore_errors=True)
         self._committed = True
-        self._background.shutdown()
         return self.final_path
 
     def abort(self) -> None:
-        """Delete the temporary store (after any write in progress)."""
-        self._background.shutdown()
+        """Delete the temporary store."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 
