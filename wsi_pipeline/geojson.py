@@ -168,12 +168,13 @@ class GeoJSONWriter:
         self._temp = self.path.with_name(f".{self.path.name}.partial")
         self._stream = _open_text(self._temp, compress=self.path.suffix == ".gz")
         self._stream.write(head)
+        self._committed = False
 
     def __enter__(self) -> GeoJSONWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._stream.closed:
+        if not self._committed:
             self.abort()
 
     def write(self, batch: Mapping[str, NDArray]) -> None:
@@ -190,10 +191,11 @@ class GeoJSONWriter:
         self._stream.write("\n]}\n")
         self._stream.close()
         os.replace(self._temp, self.path)
+        self._committed = True
         return self.path
 
     def abort(self) -> None:
-        """Delete the temporary file."""
+        """Delete the temporary file (closing it first if need be)."""
         self._stream.close()
         self._temp.unlink(missing_ok=True)
 
