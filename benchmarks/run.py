@@ -59,10 +59,10 @@ AIMS = {
     "end_to_end_vs_classifier": (">=", 0.8),
     "peak_rss_large_vs_small": ("<=", 1.2),
 }
-NOT_HASHED = "not computed by the benchmark"
+NOT_HASHED = "not computed by the benchmark"  # plan_slide skips hashing when given a checksum
 #: Crops of an end-to-end run classified again alone, three times: several seconds, so the
 #: reference rate is not one short burst (256-crop rounds on this machine vary by 15 %).
-REFERENCE_CROPS = 1024  # plan_slide skips hashing when given a checksum
+REFERENCE_CROPS = 1024
 
 
 # --- phases (each runs in a child process and returns JSON-ready figures) --------------------

@@ -415,11 +415,11 @@ def _label_cells(
     pieces, count = _label(vouching)
     if count == 0:
         return _join_fragments(mask, px_um, params)
-    group = _link(pieces, count, params.link_um / px_um)
+    flat, which = _labelled(pieces)
+    group = _link(_centroids(flat, which, pieces.shape[1], count), params.link_um / px_um)
     # Clusters of a promyelocyte's granules are pieces too, far from its pale nucleus: only a
     # group with a solid chromatin core, or as large as a pale nucleus, seeds a cell.
     group_core = np.zeros(group.max() + 1)
-    flat, which = _labelled(pieces)
     np.maximum.at(group_core, group, _label_maximum(core, flat, which, count))
     piece_area = np.bincount(which, minlength=count + 1)[1:] * px_um**2
     group_area = np.bincount(group, weights=piece_area, minlength=group.max() + 1)
@@ -433,11 +433,12 @@ def _label_cells(
     return np.where(unseeded > 0, unseeded + labels.max(), labels)
 
 
-def _link(pieces: NDArray[np.int32], count: int, reach_px: float) -> NDArray[np.intp]:
-    """Group number (from 1) of each of ``count`` labelled pieces: pieces whose centres lie
-    within ``reach_px`` of each other, directly or through a chain, share a group.
+def _link(centres: FloatArray, reach_px: float) -> NDArray[np.intp]:
+    """Group number (from 1) of each piece given by its centre (:func:`_centroids`): pieces
+    whose centres lie within ``reach_px`` of each other, directly or through a chain, share a
+    group.
     """
-    centres = _centroids(*_labelled(pieces), pieces.shape[1], count)
+    count = len(centres)
     pairs = cKDTree(centres).query_pairs(reach_px, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(count, count))
     return connected_components(graph, directed=False)[1] + 1
@@ -462,7 +463,9 @@ def _join_fragments(
         return blobs.astype(np.int32)
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[ids] = np.arange(1, len(ids) + 1)
-    group = _link(lookup[blobs], len(ids), params.link_um / px_um)
+    fragments = lookup[blobs]
+    centres = _centroids(*_labelled(fragments), fragments.shape[1], len(ids))
+    group = _link(centres, params.link_um / px_um)
     # Fragments take their group's number after the other blobs' own numbers.
     relabel = np.arange(count + 1, dtype=np.int32)
     relabel[ids] = count + group
