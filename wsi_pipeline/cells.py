@@ -197,14 +197,22 @@ def _od_of(rgb: tuple[float, float, float]) -> FloatArray:
 _OD_LUT = np.repeat(
     -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)[None, :, None], 3, axis=2
 )
+#: Step of the 16-bit fixed-point optical density in which blocks are averaged, about 1e-4.
+_OD_STEP = np.float32(np.log(256.0) / np.iinfo(np.uint16).max)
+_OD_LUT_FIXED = np.round(_OD_LUT / _OD_STEP).astype(np.uint16)
 _UNMIXING_ROW = _unmixing_row().astype(np.float32)[None, :]
 
 
 def optical_density(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     """Optical density ``-log((value + 1) / 256)`` of every channel, shape (H, W, 3)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
-    return cv2.LUT(np.ascontiguousarray(rgb), _OD_LUT)
+    return cv2.LUT(_rgb(rgb), _OD_LUT)
+
+
+def _rgb(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """A contiguous (H, W, 3) image, or ValueError."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+    return np.ascontiguousarray(image)
 
 
 def nuclear_stain(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -332,9 +340,14 @@ def _work_density(rgb: NDArray[np.uint8], mpp: float, params: DetectParams) -> N
 
     The block side is :func:`_block` pixels; the image is padded at its far edges by repetition
     so every pixel falls in a block. Averaging before unmixing costs a quarter of unmixing every
-    pixel, and the unmixing itself is linear.
+    pixel, and the unmixing itself is linear. Blocks are averaged in 16-bit fixed point
+    (steps of about 1e-4), half the bytes of float32.
     """
-    return _block_mean(optical_density(rgb), _block(mpp, params))
+    f = _block(mpp, params)
+    if f == 1:
+        return optical_density(rgb)
+    fixed = cv2.LUT(_rgb(rgb), _OD_LUT_FIXED)
+    return _block_mean(fixed, f).astype(np.float32) * _OD_STEP
 
 
 def _block(mpp: float, params: DetectParams) -> int:
@@ -355,12 +368,16 @@ def _cell_mask(stain: NDArray[np.float32], threshold: float, px_um: float, param
     it is a nucleus by a solid core (:func:`_accept`).
     """
     min_piece = int(params.min_piece_um2 / px_um**2)
-    nuclear = _drop_small(stain > threshold, int(params.lobe_um2 / px_um**2))
+    # One labelling sorts the nuclear pieces by size: 0 too small, 1 a lobe, 2 vouching.
+    labels, count = _label(stain > threshold)
+    size = np.bincount(labels.ravel(), minlength=count + 1)
+    kind = (size > int(params.lobe_um2 / px_um**2)).astype(np.uint8) + (size > min_piece)
+    kind[0] = 0
+    nuclear = kind[labels]
     # Eosinophil granules unmix to strongly negative nuclear stain and hide the small lobes.
     granular = _drop_small(stain < -params.granule_factor * threshold, min_piece)
-    grouped = _closing(nuclear | granular, _disk(params.group_um, px_um))
-    vouching = _drop_small(nuclear, min_piece) | granular
-    return _fill_holes(grouped), vouching
+    grouped = _closing((nuclear > 0) | granular, _disk(params.group_um, px_um))
+    return _fill_holes(grouped), (nuclear == 2) | granular
 
 
 def _label(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
@@ -389,12 +406,10 @@ def _closing(mask: NDArray[np.bool_], disk: NDArray[np.uint8]) -> NDArray[np.boo
 
 def _fill_holes(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
     """``mask`` with every background region that does not reach the image edge filled."""
-    background, _ = _label(~mask)
-    edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
-    outside = np.zeros(background.max() + 1, dtype=bool)
-    outside[edge] = True
-    outside[0] = False
-    return ~outside[background]
+    # Flood the background 4-connected to a frame of background around the image.
+    framed = cv2.copyMakeBorder(mask.view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
 
 
 def _label_cells(
@@ -403,18 +418,61 @@ def _label_cells(
     core: NDArray[np.float32],
     px_um: float,
     params: DetectParams,
-) -> NDArray[np.int32]:
-    """One label per candidate cell; some numbers may label no pixel.
+) -> tuple[NDArray[np.int32], NDArray[np.intp]]:
+    """One label per candidate cell (some numbers may label no pixel), and the flat indices of
+    the labelled pixels: every pixel of the mask.
 
-    Touching cells are split by their nuclei: the vouching pieces (:func:`_cell_mask`) whose
-    centres lie within ``link_um`` of each other, directly or through a chain, belong to one cell
-    (lobes of a neutrophil, an eosinophil's lobes and granular body); each such group that holds
-    a solid core (``core``, see :func:`_core_density`) or covers ``seed_area_um2`` seeds a
-    watershed of the mask's distance transform. Blobs without a seed stay whole.
+    Touching cells are split by their nuclei: the vouching pieces (:func:`_cell_mask`) that
+    seed a cell (:func:`_seeds`) label the blob of ``mask`` they lie in, and a blob holding
+    several seeds is split among them by a watershed of its distance transform. Blobs without a
+    seed keep one label each, numbered after the seeds (:func:`_join_fragments`).
+    """
+    pieces, seed = _seeds(vouching, core, px_um, params)
+    blobs, count = _label(mask)
+    in_blob = _labelled(blobs)
+    # The distinct (blob, seed) pairs over the seeds' pixels inside the mask.
+    flat, which = _labelled(pieces)
+    blob, mark = blobs.ravel()[flat], seed[which]
+    inside = (blob > 0) & (mark > 0)
+    pairs = np.unique(np.column_stack([blob[inside], mark[inside]]), axis=0)
+    seeds_in = np.bincount(pairs[:, 0], minlength=count + 1)
+    label_of = np.zeros(count + 1, dtype=np.int32)
+    alone = seeds_in[pairs[:, 0]] == 1
+    label_of[pairs[alone, 0]] = pairs[alone, 1]
+    unseeded = np.flatnonzero(seeds_in[1:] == 0)
+    if len(unseeded):
+        area = np.bincount(in_blob[1], minlength=count + 1)[1:][unseeded] * px_um**2
+        centres = _centroids(*in_blob, blobs.shape[1], count)[unseeded]
+        first = int(pairs[:, 1].max(initial=0))
+        label_of[unseeded + 1] = first + _join_fragments(area, centres, px_um, params)
+    labels = label_of[blobs]
+    shared = np.flatnonzero(seeds_in > 1)
+    if len(shared):
+        # The watershed of a blob never leaves it, so it runs on each shared blob's box alone.
+        distance = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
+        for b in shared:
+            rows, cols = np.divmod(in_blob[0][in_blob[1] == b], blobs.shape[1])
+            box = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+            own = blobs[box] == b
+            split = segmentation.watershed(-distance[box], seed[pieces[box]], mask=own)
+            labels[box][own] = split[own]
+    return labels, in_blob[0]
+
+
+def _seeds(
+    vouching: NDArray[np.bool_], core: NDArray[np.float32], px_um: float, params: DetectParams
+) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
+    """The vouching pieces as labels, and the seed each piece belongs to (0: none; index 0 is
+    the background).
+
+    Pieces whose centres lie within ``link_um`` of each other, directly or through a chain,
+    belong to one cell (lobes of a neutrophil, an eosinophil's lobes and granular body); each
+    such group that holds a solid core (``core``, see :func:`_core_density`) or covers
+    ``seed_area_um2`` is a seed, numbered by its group.
     """
     pieces, count = _label(vouching)
     if count == 0:
-        return _join_fragments(mask, px_um, params)
+        return pieces, np.zeros(1, dtype=np.int32)
     flat, which = _labelled(pieces)
     group = _link(_centroids(flat, which, pieces.shape[1], count), params.link_um / px_um)
     # Clusters of a promyelocyte's granules are pieces too, far from its pale nucleus: only a
@@ -425,12 +483,7 @@ def _label_cells(
     group_area = np.bincount(group, weights=piece_area, minlength=group.max() + 1)
     seeds = (group_core >= params.core_red_od) | (group_area >= params.seed_area_um2)
     group[~seeds[group]] = 0
-    markers = np.concatenate([[0], group]).astype(np.int32)[pieces]
-    distance = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
-    labels = segmentation.watershed(-distance, markers, mask=mask)
-    # Blobs without a seed keep one label each, after the seeded ones.
-    unseeded = _join_fragments(mask & (labels == 0), px_um, params)
-    return np.where(unseeded > 0, unseeded + labels.max(), labels)
+    return pieces, np.concatenate([[0], group]).astype(np.int32)
 
 
 def _link(centres: FloatArray, reach_px: float) -> NDArray[np.intp]:
@@ -445,36 +498,24 @@ def _link(centres: FloatArray, reach_px: float) -> NDArray[np.intp]:
 
 
 def _join_fragments(
-    mask: NDArray[np.bool_], px_um: float, params: DetectParams
+    area_um2: FloatArray, centres: FloatArray, px_um: float, params: DetectParams
 ) -> NDArray[np.int32]:
-    """Label the blobs of ``mask``; blobs too small to be a cell that lie within ``link_um`` of
-    each other share a label (the lobes of a segmented neutrophil, split wider than the closing
-    joins). The joined region must still hold a solid core (:func:`_accept`). Some numbers may
-    label no pixel.
+    """Numbers (from 1) of blobs without a seed, given in raster order by their areas and
+    (row, col) centres: their rank, except that blobs too small to be a cell that lie within
+    ``link_um`` of each other share a number after all ranks (the lobes of a segmented
+    neutrophil, split wider than the closing joins). The joined region must still hold a
+    solid core (:func:`_accept`).
     """
-    blobs, count = _label(mask)
-    if count < 2:
-        return blobs.astype(np.int32)
-    area = np.bincount(blobs.ravel(), minlength=count + 1) * px_um**2
-    fragment = area < params.min_area_um2
-    fragment[0] = False
-    ids = np.flatnonzero(fragment)
-    if len(ids) < 2:
-        return blobs.astype(np.int32)
-    lookup = np.zeros(count + 1, dtype=np.int32)
-    lookup[ids] = np.arange(1, len(ids) + 1)
-    fragments = lookup[blobs]
-    centres = _centroids(*_labelled(fragments), fragments.shape[1], len(ids))
-    group = _link(centres, params.link_um / px_um)
-    # Fragments take their group's number after the other blobs' own numbers.
-    relabel = np.arange(count + 1, dtype=np.int32)
-    relabel[ids] = count + group
-    return relabel[blobs]
+    numbers = np.arange(1, len(area_um2) + 1, dtype=np.int32)
+    fragments = np.flatnonzero(area_um2 < params.min_area_um2)
+    if len(fragments) >= 2:
+        numbers[fragments] = len(area_um2) + _link(centres[fragments], params.link_um / px_um)
+    return numbers
 
 
-def _block_mean(image: NDArray[np.float32], f: int) -> NDArray[np.float32]:
-    """Mean over ``f`` x ``f`` blocks of a float32 image (one or more channels), padding the
-    far edges by repetition."""
+def _block_mean(image: NDArray, f: int) -> NDArray:
+    """Mean over ``f`` x ``f`` blocks of an image (one or more channels; integer means are
+    rounded), padding the far edges by repetition."""
     if f == 1:
         return image
     pad_y, pad_x = -image.shape[0] % f, -image.shape[1] % f
@@ -531,18 +572,19 @@ def _outlines(labels: NDArray[np.int32], centroids: FloatArray, reach: float) ->
     """
     angle = 2 * np.pi * np.arange(CONTOUR_VERTICES) / CONTOUR_VERTICES
     steps = np.arange(0.0, reach + 1.0, 0.5)
-    ray = np.stack([-np.sin(angle)[:, None] * steps, np.cos(angle)[:, None] * steps], axis=-1)
-    points = centroids[:, None, None, :] + ray[None]  # (N, V, S, 2)
-    index = np.rint(points).astype(np.int64)
-    inside_image = np.all((index >= 0) & (index < labels.shape), axis=-1)
-    rows = np.clip(index[..., 0], 0, labels.shape[0] - 1)
-    cols = np.clip(index[..., 1], 0, labels.shape[1] - 1)
-    own = np.arange(1, len(centroids) + 1)[:, None, None]
-    inside = inside_image & (labels[rows, cols] == own)
+    direction = np.column_stack([-np.sin(angle), np.cos(angle)])  # (V, 2) as (row, col)
+    ray = direction[:, None, :] * steps[:, None]  # (V, S, 2)
+    height, width = labels.shape
+    rows = np.rint(centroids[:, 0, None, None] + ray[None, ..., 0]).astype(np.int32)
+    cols = np.rint(centroids[:, 1, None, None] + ray[None, ..., 1]).astype(np.int32)
+    inside_image = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    flat = np.where(inside_image, rows * width + cols, 0)
+    own = np.arange(1, len(centroids) + 1, dtype=labels.dtype)[:, None, None]
+    inside = inside_image & (labels.ravel()[flat] == own)
     # Index of the last step inside the cell; one half-step further is its edge.
     last = len(steps) - 1 - np.argmax(inside[..., ::-1], axis=-1)
     radius = np.where(inside.any(axis=-1), steps[last] + 0.5, 0.5)
-    return centroids[:, None, :] + ray[None, :, 1, :] / 0.5 * radius[..., None]
+    return centroids[:, None, :] + direction[None] * radius[..., None]
 
 
 def _accept(
@@ -592,11 +634,11 @@ def detect_cells(
     px_um = f * mpp
     mask, vouching = _cell_mask(stain, threshold, px_um, params)
     core_map = _core_density(od, px_um, params)
-    labels = _label_cells(mask, vouching, core_map, px_um, params)
+    labels, flat = _label_cells(mask, vouching, core_map, px_um, params)
     n = int(labels.max())
     if n == 0:
         return CellTable()
-    flat, which = _labelled(labels)
+    which = labels.ravel()[flat]
     # Unused label numbers have no area and are dropped with the rejected regions.
     area_um2 = np.bincount(which, minlength=n + 1)[1:] * px_um**2
     core = _label_maximum(core_map, flat, which, n)
