@@ -10,6 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from wsi_pipeline import slide as slide_module
 from wsi_pipeline.slide import SlideError, find_slides, open_slide, resize_region
 from wsi_pipeline.synth import write_synthetic_slide
 
@@ -157,6 +158,32 @@ def test_ycbcr_jpeg_tiles_decode_by_simplejpeg_to_tifffiles_pixels(tmp_path):
         assert tiles._simplejpeg_agrees(tiles.pages[0])  # the fast decoder is in use
         expected = tif.pages[0].asarray()
         np.testing.assert_array_equal(slide.read_region((0, 0), (1500, 1000)), expected)
+
+
+def _decodes_of_two_overlapping_reads(path, monkeypatch) -> list[int]:
+    """Tiles decoded while reading two regions that share a column of 256-px tiles."""
+    with open_slide(path) as slide, tifffile.TiffFile(path) as tif:
+        tiles = slide._reader._tiles
+        decoded: list[int] = []
+        decode = tiles._decode
+        monkeypatch.setattr(tiles, "_decode", lambda *a: decoded.append(a[2]) or decode(*a))
+        expected = tif.pages[0].asarray()
+        # Tile rows 0-1; tile columns 0-2, then 2-4.
+        np.testing.assert_array_equal(
+            slide.read_region((0, 200), (700, 300)), expected[200:500, :700]
+        )
+        np.testing.assert_array_equal(
+            slide.read_region((600, 200), (600, 300)), expected[200:500, 600:1200]
+        )
+    return decoded
+
+
+def test_overlapping_reads_decode_shared_tiles_once(tmp_path, monkeypatch):
+    write_synthetic_slide(tmp_path / "s.svs", size=(1500, 1000), seed=3)
+    decoded = _decodes_of_two_overlapping_reads(tmp_path / "s.svs", monkeypatch)
+    assert len(decoded) == len(set(decoded))
+    monkeypatch.setattr(slide_module, "DECODED_TILES_MB", 0)
+    assert len(_decodes_of_two_overlapping_reads(tmp_path / "s.svs", monkeypatch)) == 2 * 6
 
 
 def test_transparent_pixels_become_glass_white(tmp_path):

@@ -17,6 +17,7 @@ import hashlib
 import math
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,9 @@ SLIDE_SUFFIXES = (
     ".qptiff", *IMAGE_SUFFIXES,
 )  # fmt: skip
 Pair = tuple[int, int]
+#: Decoded tiles kept for later reads, in MB: regions read next to each other share the tiles
+#: along their common edge (about 85 JPEG tiles of 256 x 256).
+DECODED_TILES_MB = 16
 
 
 class SlideError(InputError):
@@ -144,7 +148,9 @@ class _TiledPages:
     to exactly tifffile's pixels; JPEG colour conventions in TIFF vary, so other pages keep
     tifffile. Levels stored any other way (JPEG 2000, stripped, NDPI, ...) return None and are
     read through OpenSlide. On levels whose downsample is not a whole number, origins are
-    floored to whole level pixels where OpenSlide interpolates a sub-pixel offset.
+    floored to whole level pixels where OpenSlide interpolates a sub-pixel offset. The last
+    :data:`DECODED_TILES_MB` of decoded tiles are kept: the pipeline's overlapping tiles, read
+    row by row, share the tiles along their common edge (a quarter of the decoding).
     """
 
     COMPRESSIONS = frozenset({"JPEG", "ADOBE_DEFLATE", "DEFLATE", "LZW", "NONE"})
@@ -166,11 +172,31 @@ class _TiledPages:
         }
         self.pages = [usable.get(tuple(d)) for d in level_dimensions]
         self._simplejpeg: dict[int, bool] = {}  # by page index: decodes as tifffile does
+        self._decoded: OrderedDict[Pair, np.ndarray] = OrderedDict()  # least recent first
+        self._decoded_bytes = 0
+        self._decoded_lock = threading.Lock()
 
     def _raw_tile(self, page, index: int) -> bytes:
         with self._lock:
             self._tif.filehandle.seek(page.dataoffsets[index])
             return self._tif.filehandle.read(page.databytecounts[index])
+
+    def _tile(self, page, index: int) -> np.ndarray:
+        """One decoded tile, from the last :data:`DECODED_TILES_MB` of tiles when it is there."""
+        key = (page.index, index)
+        with self._decoded_lock:
+            tile = self._decoded.get(key)
+            if tile is not None:
+                self._decoded.move_to_end(key)
+                return tile
+        tile = self._decode(page, self._raw_tile(page, index), index)
+        with self._decoded_lock:
+            if key not in self._decoded:
+                self._decoded[key] = tile
+                self._decoded_bytes += tile.nbytes
+            while self._decoded_bytes > DECODED_TILES_MB * 2**20:
+                self._decoded_bytes -= self._decoded.popitem(last=False)[1].nbytes
+        return tile
 
     def _decode(self, page, raw: bytes, index: int) -> np.ndarray:
         """One tile as (tile length, tile width, 3) uint8."""
@@ -208,7 +234,7 @@ class _TiledPages:
         for row in range(y0 // th, -(-y1 // th)):
             for col in range(x0 // tw, -(-x1 // tw)):
                 index = row * across + col
-                tile = self._decode(page, self._raw_tile(page, index), index)
+                tile = self._tile(page, index)
                 ty0, tx0 = row * th, col * tw
                 sy, sx = max(y0, ty0), max(x0, tx0)
                 ey, ex = min(y1, ty0 + th), min(x1, tx0 + tw)
