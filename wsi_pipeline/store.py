@@ -47,6 +47,9 @@ CROP_CHUNK = 64
 #: would rewrite the growing cell-table chunks again and again.
 FLUSH_CELLS = 16 * CROP_CHUNK
 SALIENCY_METHODS = ("gradcam", "smoothgrad")
+#: Crops are photographs: Zstandard shrinks them by about a sixth at any level, and level 1
+#: costs a quarter of the CPU of the default level 3 (0.04 against 0.15 ms a crop).
+CROP_COMPRESSOR = zarr.codecs.ZstdCodec(level=1)
 _PARTIAL_SUFFIX = ".partial"
 _OLD_SUFFIX = ".old"
 
@@ -164,7 +167,11 @@ class ResultWriter:
                 dtype=column.dtype,
             )
         self._root.create_array(
-            "crops", shape=(0, size, size, 3), chunks=(CROP_CHUNK, size, size, 3), dtype="uint8"
+            "crops",
+            shape=(0, size, size, 3),
+            chunks=(CROP_CHUNK, size, size, 3),
+            dtype="uint8",
+            compressors=CROP_COMPRESSOR,
         )
         self._root.create_array(
             "saliency/cell_index", shape=(0,), chunks=(CELL_CHUNK,), dtype="int64"
