@@ -107,7 +107,9 @@ def phase_read(slide: str, card: str, tiles: int) -> dict:
     path = Path(slide)
     after_imports = peak_rss_mb()
     _warm_page_cache(path)
-    with open_slide(path) as opened, openslide.OpenSlide(path) as raw:
+    # Two handles: each keeps its own decoded tiles, so the second reader of a region does not
+    # find the first one's. The picks are far apart, so neither reuses its own.
+    with open_slide(path) as opened, open_slide(path) as again, openslide.OpenSlide(path) as raw:
         _, plan = _plan(opened, card)
         picks = _spread(plan.tiles, tiles)
         sizes = [_level0_size(t, opened.mpp) for t in picks]
@@ -115,7 +117,7 @@ def phase_read(slide: str, card: str, tiles: int) -> dict:
         readers: dict[str, Callable] = {
             "wsi_pipeline": lambda t, s: opened.read_region(t.origin, t.read_size, t.mpp),
             # The same level-0 pixels without resampling: the reader's own cost, like for like.
-            "wsi_pipeline_level0": lambda t, s: opened.read_region(t.origin, s),
+            "wsi_pipeline_level0": lambda t, s: again.read_region(t.origin, s),
             "tifffile": lambda t, s: tif_read(t.origin, s),
             "openslide": lambda t, s: np.asarray(raw.read_region(t.origin, 0, s).convert("RGB")),
         }
