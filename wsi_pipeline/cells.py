@@ -240,12 +240,10 @@ def _unmix_nuclear(od: NDArray[np.float32]) -> NDArray[np.float32]:
     # Where stacked red cells saturate green and blue, unmixing fails; chromatin also absorbs
     # red strongly, red cells hardly at all.
     red, green = od[..., 0], od[..., 1]
-    stain[(stain > 0) & (red < PURPLE_RED_TO_GREEN * green)] = 0.0
+    np.copyto(stain, 0.0, where=(stain > 0) & (red < PURPLE_RED_TO_GREEN * green))
     # The darkest nuclei saturate green and blue, so unmixing leaves them hollow; no other
     # smear component absorbs as much red light.
-    dense = red > DENSE_RED_OD
-    stain[dense] = np.maximum(stain[dense], red[dense])
-    return stain
+    return np.maximum(stain, red, out=stain, where=red > DENSE_RED_OD)
 
 
 def learn_threshold(stain: NDArray[np.floating], params: DetectParams = DetectParams()) -> float:
@@ -434,7 +432,9 @@ def _label_cells(
     flat, which = _labelled(pieces)
     blob, mark = blobs.ravel()[flat], seed[which]
     inside = (blob > 0) & (mark > 0)
-    pairs = np.unique(np.column_stack([blob[inside], mark[inside]]), axis=0)
+    span = int(seed.max()) + 1
+    key = blob[inside].astype(np.int64) * span + mark[inside]
+    pairs = np.column_stack(np.divmod(np.unique(key), span))
     seeds_in = np.bincount(pairs[:, 0], minlength=count + 1)
     label_of = np.zeros(count + 1, dtype=np.int32)
     alone = seeds_in[pairs[:, 0]] == 1
