@@ -427,7 +427,7 @@ def _label_cells(
     """
     pieces, seed = _seeds(vouching, core, px_um, params)
     blobs, count = _label(mask)
-    in_blob = _labelled(blobs)
+    blob_pixels, blob_of = _labelled(blobs)
     # The distinct (blob, seed) pairs over the seeds' pixels inside the mask.
     flat, which = _labelled(pieces)
     blob, mark = blobs.ravel()[flat], seed[which]
@@ -441,8 +441,8 @@ def _label_cells(
     label_of[pairs[alone, 0]] = pairs[alone, 1]
     unseeded = np.flatnonzero(seeds_in[1:] == 0)
     if len(unseeded):
-        area = np.bincount(in_blob[1], minlength=count + 1)[1:][unseeded] * px_um**2
-        centres = _centroids(*in_blob, blobs.shape[1], count)[unseeded]
+        area = np.bincount(blob_of, minlength=count + 1)[1:][unseeded] * px_um**2
+        centres = _centroids(blob_pixels, blob_of, blobs.shape[1], count)[unseeded]
         first = int(pairs[:, 1].max(initial=0))
         label_of[unseeded + 1] = first + _join_fragments(area, centres, px_um, params)
     labels = label_of[blobs]
@@ -451,12 +451,12 @@ def _label_cells(
         # The watershed of a blob never leaves it, so it runs on each shared blob's box alone.
         distance = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
         for b in shared:
-            rows, cols = np.divmod(in_blob[0][in_blob[1] == b], blobs.shape[1])
+            rows, cols = np.divmod(blob_pixels[blob_of == b], blobs.shape[1])
             box = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
             own = blobs[box] == b
             split = segmentation.watershed(-distance[box], seed[pieces[box]], mask=own)
             labels[box][own] = split[own]
-    return labels, in_blob[0]
+    return labels, blob_pixels
 
 
 def _seeds(

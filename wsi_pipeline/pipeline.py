@@ -332,8 +332,8 @@ def limit_malloc_arenas(count: int | None = None) -> None:
     glibc gives threads that allocate at the same time arenas of their own, up to eight per
     core, and an arena keeps the free memory of its busiest moment. The pipeline's reading,
     classifying and writing threads then hold several such peaks at once, and the free memory
-    grows with the slide (60000² slide: 880 MB free inside the arenas at the end of a run, 390
-    MB with one arena per core, at the same speed).
+    grows as the run goes on (60000² slide: 880 MB free inside the arenas at the end of a run,
+    390 MB with one arena per core, at the same speed).
     """
     if sys.platform.startswith("linux"):
         with suppress(OSError, AttributeError):
