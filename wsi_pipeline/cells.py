@@ -425,12 +425,13 @@ def _label_cells(
     several seeds is split among them by a watershed of its distance transform. Blobs without a
     seed keep one label each, numbered after the seeds (:func:`_join_fragments`).
     """
-    pieces, seed = _seeds(vouching, core, px_um, params)
+    pieces, piece_count = _label(vouching)
+    piece_pixels, piece_of = _labelled(pieces)
+    seed = _seeds(piece_pixels, piece_of, pieces.shape[1], piece_count, core, px_um, params)
     blobs, count = _label(mask)
     blob_pixels, blob_of = _labelled(blobs)
     # The distinct (blob, seed) pairs over the seeds' pixels inside the mask.
-    flat, which = _labelled(pieces)
-    blob, mark = blobs.ravel()[flat], seed[which]
+    blob, mark = blobs.ravel()[piece_pixels], seed[piece_of]
     inside = (blob > 0) & (mark > 0)
     span = int(seed.max()) + 1
     key = blob[inside].astype(np.int64) * span + mark[inside]
@@ -460,21 +461,26 @@ def _label_cells(
 
 
 def _seeds(
-    vouching: NDArray[np.bool_], core: NDArray[np.float32], px_um: float, params: DetectParams
-) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
-    """The vouching pieces as labels, and the seed each piece belongs to (0: none; index 0 is
-    the background).
+    flat: NDArray[np.intp],
+    which: NDArray[np.integer],
+    width: int,
+    count: int,
+    core: NDArray[np.float32],
+    px_um: float,
+    params: DetectParams,
+) -> NDArray[np.int32]:
+    """The seed each of the ``count`` vouching pieces belongs to (0: none), with index 0 for
+    the background; the pieces are given by their labelled pixels (:func:`_labelled`) in a
+    label image ``width`` pixels wide.
 
     Pieces whose centres lie within ``link_um`` of each other, directly or through a chain,
     belong to one cell (lobes of a neutrophil, an eosinophil's lobes and granular body); each
     such group that holds a solid core (``core``, see :func:`_core_density`) or covers
     ``seed_area_um2`` is a seed, numbered by its group.
     """
-    pieces, count = _label(vouching)
     if count == 0:
-        return pieces, np.zeros(1, dtype=np.int32)
-    flat, which = _labelled(pieces)
-    group = _link(_centroids(flat, which, pieces.shape[1], count), params.link_um / px_um)
+        return np.zeros(1, dtype=np.int32)
+    group = _link(_centroids(flat, which, width, count), params.link_um / px_um)
     # Clusters of a promyelocyte's granules are pieces too, far from its pale nucleus: only a
     # group with a solid chromatin core, or as large as a pale nucleus, seeds a cell.
     group_core = np.zeros(group.max() + 1)
@@ -483,7 +489,7 @@ def _seeds(
     group_area = np.bincount(group, weights=piece_area, minlength=group.max() + 1)
     seeds = (group_core >= params.core_red_od) | (group_area >= params.seed_area_um2)
     group[~seeds[group]] = 0
-    return pieces, np.concatenate([[0], group]).astype(np.int32)
+    return np.concatenate([[0], group]).astype(np.int32)
 
 
 def _link(centres: FloatArray, reach_px: float) -> NDArray[np.intp]:
@@ -516,8 +522,6 @@ def _join_fragments(
 def _block_mean(image: NDArray, f: int) -> NDArray:
     """Mean over ``f`` x ``f`` blocks of an image (one or more channels; integer means are
     rounded), padding the far edges by repetition."""
-    if f == 1:
-        return image
     pad_y, pad_x = -image.shape[0] % f, -image.shape[1] % f
     if pad_y or pad_x:
         image = cv2.copyMakeBorder(image, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
