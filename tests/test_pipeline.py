@@ -14,12 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import zarr
 from PIL import Image
 from skimage.measure import points_in_poly
 
+from wsi_pipeline import pipeline
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.options import RunOptions
 from wsi_pipeline.pipeline import lower_thread_priority, prefetch, run_slide
@@ -196,10 +198,15 @@ def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
 def test_prefetch_says_once_when_it_runs_a_whole_buffer_ahead():
     ahead: list[int] = []
     out = []
-    for value in prefetch(lambda x: 2 * x, range(20), 4, ahead.append):
+
+    def report() -> None:
+        ahead.append(threading.get_native_id())
+
+    for value in prefetch(lambda x: 2 * x, range(20), 4, report):
         out.append(value)
         time.sleep(0.01)  # a slow consumer: the buffer fills
     assert out == [2 * x for x in range(20)]
+    # Once, on the background thread (where lowering its own priority means something).
     assert len(ahead) == 1 and ahead[0] != threading.get_native_id()
 
 
@@ -210,7 +217,7 @@ def test_prefetch_behind_its_consumer_never_says_so():
         time.sleep(0.02)
         return x
 
-    assert list(prefetch(slow, range(10), 3, ahead.append)) == list(range(10))
+    assert list(prefetch(slow, range(10), 3, lambda: ahead.append(1))) == list(range(10))
     assert ahead == []
 
 
@@ -230,6 +237,16 @@ def test_lower_thread_priority_lowers_that_thread_only():
     thread.join()
     assert seen["after"] == seen["expected"]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+
+
+def test_detection_ahead_keeps_opencv_to_itself_until_the_run_ends():
+    before = cv2.getNumThreads()
+    with pipeline._restoring_opencv_threads():
+        thread = threading.Thread(target=pipeline._yield_to_classifier)
+        thread.start()
+        thread.join()
+        assert cv2.getNumThreads() == 1
+    assert cv2.getNumThreads() == before
 
 
 _ARENAS_SCRIPT = """

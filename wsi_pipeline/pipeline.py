@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
@@ -291,25 +292,21 @@ def prefetch(
     fn: Callable[[T], R],
     items: Iterable[T],
     depth: int = 2,
-    on_ahead: Callable[[int], Any] | None = None,
+    on_ahead: Callable[[], Any] | None = None,
 ) -> Iterator[R]:
     """``map(fn, items)`` computed up to ``depth`` items ahead on a background thread, in order.
 
-    ``on_ahead`` is called once with the thread's native id the first time all ``depth`` items
-    are ready before they are asked for: from then on the consumer, not ``fn``, sets the pace.
+    ``on_ahead`` runs once on the background thread, after the item in progress, the first time
+    all ``depth`` items are ready before they are asked for: from then on the consumer, not
+    ``fn``, sets the pace.
     """
     pending: deque[Future[R]] = deque()
-    worker: list[int] = []  # the thread's native id, set when it starts
-
-    def started() -> None:
-        worker.append(threading.get_native_id())
-
-    with ThreadPoolExecutor(max_workers=1, initializer=started) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) > depth:
                 if on_ahead is not None and pending[-2].done():  # and so every earlier one
-                    on_ahead(worker[0])
+                    pool.submit(on_ahead)
                     on_ahead = None
                 yield pending.popleft().result()
         while pending:
@@ -342,6 +339,24 @@ def limit_malloc_arenas(count: int | None = None) -> None:
 
 def _lower_own_priority() -> None:
     lower_thread_priority(threading.get_native_id())
+
+
+def _yield_to_classifier() -> None:
+    """Run the calling detection thread in the time the classifier leaves: lower its priority
+    and keep OpenCV's work on it. OpenCV's own worker threads run at normal priority and wait
+    actively between calls, so they would take CPU from the classifier for little gain."""
+    _lower_own_priority()
+    cv2.setNumThreads(1)
+
+
+@contextmanager
+def _restoring_opencv_threads() -> Iterator[None]:
+    """Restore OpenCV's thread count (process-wide) when the block ends."""
+    threads = cv2.getNumThreads()
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def batched(
@@ -480,7 +495,8 @@ def write_outputs(
             with stage("write"):
                 cells = {**batch.columns, "id": counted + np.arange(len(batch), dtype=np.int64)}
                 writing.append(background.submit(write, cells, batch.crops))
-                chosen.add(counted, cells, batch.crops)
+                if options.saliency:
+                    chosen.add(counted, cells, batch.crops)
                 counted += len(batch)
                 if len(writing) > WRITES_AHEAD:
                     writing.popleft().result()
@@ -554,14 +570,15 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
 
     def classified() -> Iterator[TileCells]:
         counted = 0
-        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES, lower_thread_priority)
+        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES, _yield_to_classifier)
         for batch in batched(ahead, classifier.batch_size, bar.update):
             counted += len(batch)
             bar.set_postfix(cells=counted)
             yield classify_cells(classifier, batch, options.tta)
         bar.close()
 
-    return write_outputs(plan, classified(), classifier, options, out_dir)
+    with _restoring_opencv_threads():
+        return write_outputs(plan, classified(), classifier, options, out_dir)
 
 
 def _write_mosaics(
