@@ -367,11 +367,12 @@ def _cell_mask(stain: NDArray[np.float32], threshold: float, px_um: float, param
     """
     min_piece = int(params.min_piece_um2 / px_um**2)
     # One labelling sorts the nuclear pieces by size: 0 too small, 1 a lobe, 2 vouching.
-    labels, count = _label(stain > threshold)
-    size = np.bincount(labels.ravel(), minlength=count + 1)
+    stained = stain > threshold
+    flat, which = _labelled(_label(stained)[0], stained)
+    size = np.bincount(which)
     kind = (size > int(params.lobe_um2 / px_um**2)).astype(np.uint8) + (size > min_piece)
-    kind[0] = 0
-    nuclear = kind[labels]
+    nuclear = np.zeros(stain.shape, dtype=np.uint8)
+    nuclear.ravel()[flat] = kind[which]
     # Eosinophil granules unmix to strongly negative nuclear stain and hide the small lobes.
     granular = _drop_small(stain < -params.granule_factor * threshold, min_piece)
     grouped = _closing((nuclear > 0) | granular, _disk(params.group_um, px_um))
@@ -389,10 +390,10 @@ def _label(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int32], int]:
 
 def _drop_small(mask: NDArray[np.bool_], max_size: int) -> NDArray[np.bool_]:
     """``mask`` without its 4-connected components of ``max_size`` pixels or fewer."""
-    labels, count = _label(mask)
-    keep = np.bincount(labels.ravel(), minlength=count + 1) > max_size
-    keep[0] = False
-    return keep[labels]
+    flat, which = _labelled(_label(mask)[0], mask)
+    kept = np.zeros(mask.shape, dtype=bool)
+    kept.ravel()[flat[(np.bincount(which) > max_size)[which]]] = True
+    return kept
 
 
 def _closing(mask: NDArray[np.bool_], disk: NDArray[np.uint8]) -> NDArray[np.bool_]:
@@ -426,10 +427,10 @@ def _label_cells(
     seed keep one label each, numbered after the seeds (:func:`_join_fragments`).
     """
     pieces, piece_count = _label(vouching)
-    piece_pixels, piece_of = _labelled(pieces)
+    piece_pixels, piece_of = _labelled(pieces, vouching)
     seed = _seeds(piece_pixels, piece_of, pieces.shape[1], piece_count, core, px_um, params)
     blobs, count = _label(mask)
-    blob_pixels, blob_of = _labelled(blobs)
+    blob_pixels, blob_of = _labelled(blobs, mask)
     # The distinct (blob, seed) pairs over the seeds' pixels inside the mask.
     blob, mark = blobs.ravel()[piece_pixels], seed[piece_of]
     inside = (blob > 0) & (mark > 0)
@@ -446,7 +447,8 @@ def _label_cells(
         centres = _centroids(blob_pixels, blob_of, blobs.shape[1], count)[unseeded]
         first = int(pairs[:, 1].max(initial=0))
         label_of[unseeded + 1] = first + _join_fragments(area, centres, px_um, params)
-    labels = label_of[blobs]
+    labels = np.zeros_like(blobs)
+    labels.ravel()[blob_pixels] = label_of[blob_of]
     shared = np.flatnonzero(seeds_in > 1)
     if len(shared):
         # The watershed of a blob never leaves it, so it runs on each shared blob's box alone.
@@ -543,10 +545,13 @@ def _core_density(od: NDArray[np.float32], px_um: float, params: DetectParams):
     return cv2.blur(red, (side, side), borderType=cv2.BORDER_REFLECT)
 
 
-def _labelled(labels: NDArray[np.integer]) -> tuple[NDArray[np.intp], NDArray[np.integer]]:
-    """Flat indices of the labelled pixels and their labels. Cells cover a small part of a
-    tile, so per-label reductions run over these pixels alone."""
-    flat = np.flatnonzero(labels)
+def _labelled(
+    labels: NDArray[np.integer], mask: NDArray[np.bool_]
+) -> tuple[NDArray[np.intp], NDArray[np.integer]]:
+    """Flat indices of the labelled pixels, given by the ``mask`` that was labelled, and their
+    labels. Cells cover a small part of a tile, so per-label reductions run over these pixels
+    alone (and finding them in a boolean mask takes a tenth of the time)."""
+    flat = np.flatnonzero(mask)
     return flat, labels.ravel()[flat]
 
 
@@ -653,8 +658,10 @@ def detect_cells(
     lookup[keep] = np.arange(1, len(keep) + 1)
     which = lookup[which]
     kept = which > 0
+    labels = np.zeros_like(labels)
+    labels.ravel()[flat] = which
     return _table(
-        lookup[labels],
+        labels,
         (flat[kept], which[kept]),
         stain,
         threshold,
