@@ -39,8 +39,8 @@ from wsi_pipeline.pipeline import (
     TileCells,
     classify_cells,
     detect_tiles,
-    limit_malloc_arenas,
     plan_slide,
+    tune_malloc,
 )
 from wsi_pipeline.pipeline import write_outputs as write_slide_outputs
 from wsi_pipeline.slide import Slide, open_slide, slide_checksum, slide_stem
@@ -140,7 +140,7 @@ class ClassifierPlugin(WorkerPlugin):
         import torch
 
         torch.set_num_threads(max(1, worker.state.nthreads))
-        limit_malloc_arenas()
+        tune_malloc()
         if self.gpu_cluster and not worker.state.total_resources.get("GPU"):
             return  # CPU workers of a GPU cluster only read and detect
         get_classifier(self.options.classifier, self.options.device, self.options.batch_size)

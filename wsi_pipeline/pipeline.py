@@ -63,8 +63,11 @@ PREFETCH_TILES = 128
 AHEAD_NICENESS = 10
 #: Classified batches queued for writing before the classifier waits (about 64 cells each).
 WRITES_AHEAD = 8
-#: glibc's ``mallopt`` parameter for the most malloc arenas.
-_M_ARENA_MAX = -8
+#: Free memory a malloc heap keeps for reuse rather than giving it back (see :func:`tune_malloc`).
+MALLOC_KEEP_MB = 512
+#: glibc's ``mallopt`` parameters: the free memory kept at a heap's top, the most blocks mapped
+#: on their own, the most arenas.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -322,19 +325,31 @@ def lower_thread_priority(thread_id: int, step: int = AHEAD_NICENESS) -> None:
             os.setpriority(os.PRIO_PROCESS, thread_id, min(19, now + step))
 
 
-def limit_malloc_arenas(count: int | None = None) -> None:
-    """Let threads started from now on share at most ``count`` malloc arenas (default: one per
-    core; Linux with glibc only, elsewhere nothing changes).
+def tune_malloc(arenas: int | None = None) -> None:
+    """Make glibc's malloc reuse memory from batch to batch, for threads started from now on
+    (Linux with glibc only; elsewhere nothing changes).
 
-    glibc gives threads that allocate at the same time arenas of their own, up to eight per
-    core, and an arena keeps the free memory of its busiest moment. The pipeline's reading,
-    classifying and writing threads then hold several such peaks at once, and the free memory
-    grows as the run goes on (60000² slide: 880 MB free inside the arenas at the end of a run,
-    390 MB with one arena per core, at the same speed).
+    * Large blocks come from the malloc heaps. By default glibc maps each block above a
+      threshold (128 KB, rising to at most 32 MB) on its own and unmaps it when it is freed, so
+      every batch's activations and every tile's arrays are faulted in and zeroed by the kernel
+      again. On 2 cores the classifier spent about as long in the kernel as in its own code
+      (6.4 s against 7.3 s for 2,048 crops); with the memory kept, 0.1-0.8 s, and it classifies
+      1.7 times as many cells a second.
+    * Up to :data:`MALLOC_KEEP_MB` of free memory stays at the top of a heap for the next batch
+      instead of going back to the system.
+    * Threads share at most ``arenas`` arenas (default: one per core). glibc gives threads that
+      allocate at the same time arenas of their own, up to eight per core, and an arena keeps the
+      free memory of its busiest moment. The pipeline's reading, classifying and writing threads
+      then hold several such peaks at once, and the free memory grows as the run goes on
+      (60000² slide: 880 MB free inside the arenas at the end of a run, 390 MB with one arena
+      per core, at the same speed).
     """
     if sys.platform.startswith("linux"):
         with suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, count or os.cpu_count() or 1)
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            mallopt(_M_MMAP_MAX, 0)
+            mallopt(_M_TRIM_THRESHOLD, MALLOC_KEEP_MB << 20)
+            mallopt(_M_ARENA_MAX, arenas or os.cpu_count() or 1)
 
 
 def _lower_own_priority() -> None:
@@ -559,7 +574,7 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
     -------
     SlideRun
     """
-    limit_malloc_arenas()
+    tune_malloc()
     card = load_card(options.classifier)
     classifier = get_classifier(card.path, options.device, options.batch_size)
     plan = plan_slide(slide, card, options)
