@@ -326,23 +326,23 @@ def lower_thread_priority(thread_id: int, step: int = AHEAD_NICENESS) -> None:
 
 
 def tune_malloc(arenas: int | None = None) -> None:
-    """Make glibc's malloc reuse memory from batch to batch, for threads started from now on
-    (Linux with glibc only; elsewhere nothing changes).
+    """Make glibc's malloc reuse memory from batch to batch (Linux with glibc only; elsewhere
+    nothing changes).
 
     * Large blocks come from the malloc heaps. By default glibc maps each block above a
       threshold (128 KB, rising to at most 32 MB) on its own and unmaps it when it is freed, so
-      every batch's activations and every tile's arrays are faulted in and zeroed by the kernel
-      again. On 2 cores the classifier spent about as long in the kernel as in its own code
-      (6.4 s against 7.3 s for 2,048 crops); with the memory kept, 0.1-0.8 s, and it classifies
-      1.7 times as many cells a second.
+      every batch's activations are faulted in and zeroed by the kernel again. On 2 cores the
+      classifier spent about as long in the kernel as in its own code (6.4 s against 7.3 s for
+      2,048 crops); with the memory kept, 0.1-0.8 s, and it classifies 1.7 times as many cells
+      a second. Detection's arrays were reused already: its CPU time is the same either way.
     * Up to :data:`MALLOC_KEEP_MB` of free memory stays at the top of a heap for the next batch
       instead of going back to the system.
-    * Threads share at most ``arenas`` arenas (default: one per core). glibc gives threads that
-      allocate at the same time arenas of their own, up to eight per core, and an arena keeps the
-      free memory of its busiest moment. The pipeline's reading, classifying and writing threads
-      then hold several such peaks at once, and the free memory grows as the run goes on
-      (60000² slide: 880 MB free inside the arenas at the end of a run, 390 MB with one arena
-      per core, at the same speed).
+    * Threads started from now on share at most ``arenas`` arenas (default: one per core).
+      glibc gives threads that allocate at the same time arenas of their own, up to eight per
+      core, and an arena keeps the free memory of its busiest moment. The pipeline's reading,
+      classifying and writing threads then hold several such peaks at once, and the free memory
+      grows as the run goes on (60000² slide: 880 MB free inside the arenas at the end of a run,
+      390 MB with one arena per core, at the same speed).
     """
     if sys.platform.startswith("linux"):
         with suppress(OSError, AttributeError):
