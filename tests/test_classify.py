@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -61,6 +62,48 @@ def test_cpu_threads_share_the_batches_without_changing_the_result(classifier, s
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(shared, alone, atol=1e-5)
+
+
+def test_stream_workers_do_not_wait_for_each_other(classifier):
+    """A worker held up by one item does not hold the others: item 0 waits for item 2, which
+    only a worker free to go on without waiting at a barrier can start."""
+    item_two_started = threading.Event()
+    seen: list[tuple[int, int, int]] = []
+
+    def work(item: int) -> int:
+        if item == 0 and not item_two_started.wait(timeout=30):
+            raise AssertionError("item 2 never started while item 0 was in progress")
+        if item == 2:
+            item_two_started.set()
+        seen.append((item, threading.get_ident(), torch.get_num_threads()))
+        return item * item
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert list(classifier.stream(work, range(9))) == [i * i for i in range(9)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len({ident for _, ident, _ in seen}) == 2
+    assert {torch_threads for *_, torch_threads in seen} == {1}
+
+
+def test_stream_passes_errors_on_and_restores_torch_threads(classifier):
+    def work(item: int) -> int:
+        if item == 3:
+            raise ValueError("bad item")
+        return item
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="bad item"):
+            list(classifier.stream(work, range(8)))
+        assert torch.get_num_threads() == 2
+        assert classifier.predict_proba(np.zeros((2, 96, 96, 3), np.uint8)).shape[0] == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_test_time_augmentation_averages_dihedral_views(classifier, synthetic_cells):

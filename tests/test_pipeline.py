@@ -206,7 +206,7 @@ def test_prefetch_says_once_when_it_runs_a_whole_buffer_ahead():
         out.append(value)
         time.sleep(0.01)  # a slow consumer: the buffer fills
     assert out == [2 * x for x in range(20)]
-    # Once, on the background thread (where lowering its own priority means something).
+    # Once, on the background thread (where setting OpenCV to one thread keeps it there).
     assert len(ahead) == 1 and ahead[0] != threading.get_native_id()
 
 
@@ -242,7 +242,7 @@ def test_lower_thread_priority_lowers_that_thread_only():
 def test_detection_ahead_keeps_opencv_to_itself_until_the_run_ends():
     before = cv2.getNumThreads()
     with pipeline._restoring_opencv_threads():
-        thread = threading.Thread(target=pipeline._yield_to_classifier)
+        thread = threading.Thread(target=pipeline._keep_opencv_on_this_thread)
         thread.start()
         thread.join()
         assert cv2.getNumThreads() == 1

@@ -9,22 +9,30 @@ card and device per process, so pipeline workers load the model once.
 On a CPU the batches are shared among as many threads as torch has, each running whole
 forward passes on one thread: torch's own threads wait for one another at every operation (on
 2 cores they lose 6 % of the throughput, a fifth when malloc is not tuned) and stall badly when
-another busy thread (the pipeline's detection) holds a core.
+another busy thread (the pipeline's detection) holds a core. :meth:`Classifier.stream` keeps
+those workers for a whole run, each taking the next batch when it is done, so that none waits
+for the others at the end of a call either.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
 from wsi_pipeline.cards import ClassifierCard, build_model, load_card, load_state_dicts
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = [
     "TTA_TRANSFORMS",
@@ -134,6 +142,45 @@ class Classifier:
             total = sum(model(view).float().softmax(1) for model in self.models for view in views)
         return total / (len(self.models) * len(views))
 
+    @property
+    def workers(self) -> int:
+        """Threads that each run whole forward passes: torch's threads on a CPU, one on a GPU."""
+        return torch.get_num_threads() if self.device.type == "cpu" else 1
+
+    @property
+    def pass_size(self) -> int:
+        """Crops per forward pass: the batch shared among the workers.
+
+        On 2 cores 32 crops run faster than 64, whose activations no longer fit in one thread's
+        malloc heap (see pipeline.tune_malloc): 570 against 330-420 crops/s.
+        """
+        return -(-self.batch_size // self.workers)
+
+    def stream(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """``map(fn, items)`` on the workers, in order, with up to two items a worker ahead.
+
+        Each worker takes the next item as soon as its last is done, without waiting for the
+        others, and runs torch on one thread (a process-wide setting, held until the stream
+        ends; :meth:`predict_proba` inside ``fn`` then runs on the calling worker). With one
+        worker, ``fn`` runs on the calling thread.
+        """
+        workers = self.workers
+        if workers == 1:
+            yield from map(fn, items)
+            return
+        pending: deque[Future[R]] = deque()
+        with _one_thread_per_op, ThreadPoolExecutor(workers) as pool:
+            torch.set_num_threads(1)
+            try:
+                for item in items:
+                    pending.append(pool.submit(fn, item))
+                    if len(pending) > 2 * workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                torch.set_num_threads(workers)
+
     def predict_proba(self, crops: NDArray[np.uint8], tta: int = 0) -> NDArray[np.float32]:
         """Class probabilities of crops.
 
@@ -150,28 +197,15 @@ class Classifier:
         ndarray of float32, shape (N, n_classes)
         """
         out = np.empty((len(crops), len(self.codes)), np.float32)
-        workers = torch.get_num_threads() if self.device.type == "cpu" else 1
-        # A batch is shared by the workers: each forward pass takes an equal part of it (on
-        # 2 cores, 32 crops run faster than 64, whose activations no longer fit in one
-        # thread's malloc heap, see pipeline.tune_malloc: 570 against 330-420 crops/s).
-        step = max(1, min(-(-self.batch_size // workers), -(-len(crops) // workers)))
+        # Small calls are shared among the workers too.
+        step = max(1, min(self.pass_size, -(-len(crops) // self.workers)))
 
         def run(start: int) -> None:
             x = self.preprocess(crops[start : start + step])
             out[start : start + len(x)] = self.forward(x, tta).cpu().numpy()
 
-        starts = range(0, len(crops), step)
-        if workers == 1:
-            for start in starts:
-                run(start)
-            return out
-        with _one_thread_per_op:
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(run, starts))
-            finally:
-                torch.set_num_threads(workers)
+        for _ in self.stream(run, range(0, len(crops), step)):
+            pass
         return out
 
 

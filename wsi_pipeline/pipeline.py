@@ -3,8 +3,9 @@
 The stage functions here take plain data and return plain data, so the same functions run in
 process for one slide (:func:`run_slide`) and as Dask tasks for directories. Reading and
 detection run up to :data:`PREFETCH_TILES` tiles ahead of classification on a background
-thread, which yields the CPU to the classifier once it is a whole buffer ahead; the store and
-the GeoJSON are written as the cells stream past, and the store is marked complete last.
+thread, and the classifier's workers each take the next batch as soon as they are done; the
+store and the GeoJSON are written as the cells stream past, and the store is marked complete
+last.
 """
 
 from __future__ import annotations
@@ -56,12 +57,10 @@ REPORT_THUMBNAIL_PX = 1600  # longest side of the overview drawn in the report
 #: Tiles detected ahead of classification: about 1,700 cells, 46 MB of 96-px crops. Detection
 #: outpaces a CPU classifier, so this buffer fills and the classifier then takes every core.
 PREFETCH_TILES = 128
-#: Niceness added to the detection thread once the buffer is full. The classifier then sets the
-#: pace, and a detection thread that preempts one of torch's threads stalls them all at the
-#: next barrier: at lower priority it runs in the time the classifier leaves (end to end on
-#: 2 cores: 88 s instead of 100 s).
-AHEAD_NICENESS = 10
-#: Classified batches queued for writing before the classifier waits (about 64 cells each).
+#: Niceness added to the writing thread, which compresses and encodes in the time the
+#: classifier leaves.
+BACKGROUND_NICENESS = 10
+#: Classified batches queued for writing before the classifier waits (one forward pass each).
 WRITES_AHEAD = 8
 #: Free memory a malloc heap keeps for reuse rather than giving it back (see :func:`tune_malloc`).
 MALLOC_KEEP_MB = 512
@@ -316,7 +315,7 @@ def prefetch(
             yield pending.popleft().result()
 
 
-def lower_thread_priority(thread_id: int, step: int = AHEAD_NICENESS) -> None:
+def lower_thread_priority(thread_id: int, step: int = BACKGROUND_NICENESS) -> None:
     """Add ``step`` to one thread's niceness, up to 19 (Linux only; elsewhere, or if refused,
     nothing changes)."""
     if sys.platform.startswith("linux"):
@@ -356,11 +355,10 @@ def _lower_own_priority() -> None:
     lower_thread_priority(threading.get_native_id())
 
 
-def _yield_to_classifier() -> None:
-    """Run the calling detection thread in the time the classifier leaves: lower its priority
-    and keep OpenCV's work on it. OpenCV's own worker threads run at normal priority and wait
-    actively between calls, so they would take CPU from the classifier for little gain."""
-    _lower_own_priority()
+def _keep_opencv_on_this_thread() -> None:
+    """Run OpenCV on the calling thread alone (a process-wide setting), once detection is ahead
+    of the classifier: OpenCV's own worker threads wait actively between calls, so they would
+    take CPU from the classifier for little gain."""
     cv2.setNumThreads(1)
 
 
@@ -558,7 +556,8 @@ def write_outputs(
 def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool = True) -> SlideRun:
     """Count the white cells of an open slide, in this process, and write every output.
 
-    Reading and detection run ahead of classification on a background thread.
+    Reading and detection run ahead of classification on a background thread; the classifier's
+    workers take one batch each at a time (:meth:`Classifier.stream`).
 
     Parameters
     ----------
@@ -583,13 +582,18 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
     def detect(tile: Tile) -> TileCells:
         return detect_tiles(slide, [tile], card, plan.threshold)
 
+    def classify(cells: TileCells) -> TileCells:
+        return classify_cells(classifier, cells, options.tta)
+
     def classified() -> Iterator[TileCells]:
         counted = 0
-        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES, _yield_to_classifier)
-        for batch in batched(ahead, classifier.batch_size, bar.update):
+        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES, _keep_opencv_on_this_thread)
+        # One forward pass a batch, each worker taking the next batch when it is done.
+        batches = batched(ahead, classifier.pass_size, bar.update)
+        for batch in classifier.stream(classify, batches):
             counted += len(batch)
             bar.set_postfix(cells=counted)
-            yield classify_cells(classifier, batch, options.tta)
+            yield batch
         bar.close()
 
     with _restoring_opencv_threads():
