@@ -13,15 +13,15 @@ seed, then measures, each phase in its own subprocess so its peak RSS is its own
   over the same preprocessed tensors, and TIAToolbox's ``PatchPredictor`` (patch mode) wrapping
   the same timm networks, interleaved round by round on the same device and batch size;
 * ``end_to_end``: :func:`wsi_pipeline.pipeline.run_slide` with and without saliency, then
-  (without saliency) ``Classifier.predict_proba`` alone on all of the run's own crops, in calls
-  of its batch size as the pipeline makes them, in the same process: the reference of
-  ``end_to_end_vs_classifier``.
+  (without saliency) the classifier alone on all of the run's own crops, one forward pass at a
+  time on its workers as the pipeline runs it (``Classifier.stream``), in the same process: the
+  reference of ``end_to_end_vs_classifier``.
 
 Prints one JSON document with seconds, megapixels or cells per second, peak RSS, the ratios of
 issue 7 and their aims, the machine and the versions. Megapixels are level-0 pixels.
 
 Usage: ``python benchmarks/run.py [--sizes 20000 60000] [--cache DIR] [--classifier NAME]``
-(about 7.5 min on 2 cores the first time, 1 GB of cached slides; 5 min once they are cached)
+(about 6 min on 2 cores the first time, 1 GB of cached slides; 3.5 min once they are cached)
 """
 
 from __future__ import annotations
@@ -368,17 +368,20 @@ def phase_end_to_end(
 
 
 def _classifier_alone(classifier, crops) -> dict:
-    """The classifier alone on every crop of a run (a zarr array), in calls of its batch size."""
-    seconds, step, count = 0.0, classifier.batch_size, crops.shape[0]
+    """The classifier alone on every crop of a run (a zarr array), one forward pass at a time on
+    its workers, as the pipeline runs it (``Classifier.stream``)."""
+    seconds, step, count = 0.0, classifier.pass_size, crops.shape[0]
     for first in range(0, count, REFERENCE_BLOCK):
         block = crops[first : first + REFERENCE_BLOCK]
+        passes = (block[at : at + step] for at in range(0, len(block), step))
         start = time.perf_counter()
-        for at in range(0, len(block), step):
-            classifier.predict_proba(block[at : at + step])
+        for _ in classifier.stream(classifier.predict_proba, passes):
+            pass
         seconds += time.perf_counter() - start
     return {
         "crops": count,
-        "batch_size": step,
+        "batch_size": classifier.batch_size,
+        "crops_per_forward_pass": step,
         "seconds": round(seconds, 2),
         "cells_per_s": rate(count, seconds),
     }
