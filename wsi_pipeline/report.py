@@ -251,6 +251,8 @@ def write_report(
         "<h3>Parameters</h3>",
         _definition_list(parameters),
         "<h3>Stage timings (s)</h3>",
+        "<p>Summed over the threads or workers that ran each stage; stages overlap, so they add"
+        " up to more than the run took.</p>",
         _definition_list({k: f"{v:.2f}" for k, v in timings.items()}),
         f"<p>wsi-pipeline {escape(__version__)}</p>",
     ]
