@@ -17,11 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 from skimage.measure import points_in_poly
 
-from wsi_pipeline import pipeline
+from wsi_pipeline import classify, pipeline
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.options import RunOptions
 from wsi_pipeline.pipeline import TileCells, batched, lower_thread_priority, prefetch, run_slide
@@ -145,6 +146,34 @@ def test_killed_run_leaves_no_complete_store_and_rerun_completes(
     subprocess.run([*command, "--saliency", "none"], check=True, capture_output=True)
     assert read_summary(out / "marrow-101.zarr")["status"] == "complete"
     assert not (out / ".marrow-101.zarr.partial").exists()
+
+
+def test_a_run_failing_midway_gives_torch_its_threads_back(synthetic, tmp_path, monkeypatch):
+    needs_weights("synthetic-demo")
+    taken: list[int] = []
+
+    def failing(self, first_index: int, cells: dict, crops: np.ndarray) -> None:
+        taken.append(len(crops))
+        if len(taken) == 3:
+            raise MemoryError("out of memory")
+
+    # Raised while the run consumes its batches, with the classifier's workers mid-stream.
+    monkeypatch.setattr(pipeline._Explained, "add", failing)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with open_slide(synthetic) as slide:
+            try:
+                run_slide(slide, tmp_path, FAST, progress=False)
+            except MemoryError as error:
+                failure = error  # its traceback keeps the run's frames, and their generators
+        assert "out of memory" in str(failure)
+        # Yet the classifier's workers stopped and torch has both threads again.
+        assert torch.get_num_threads() == 2
+        assert not classify._one_thread_per_op.locked()
+    finally:
+        torch.set_num_threads(threads)
+    assert taken == [32, 32, 32]  # one forward pass a batch on 2 workers
 
 
 @pytest.mark.parametrize(

@@ -169,15 +169,16 @@ class Classifier:
             yield from map(fn, items)
             return
         pending: deque[Future[R]] = deque()
-        with _one_thread_per_op, ThreadPoolExecutor(workers) as pool:
+        with _one_thread_per_op:
             torch.set_num_threads(1)
             try:
-                for item in items:
-                    pending.append(pool.submit(fn, item))
-                    if len(pending) > 2 * workers:
+                with ThreadPoolExecutor(workers) as pool:  # all passes end before the restore
+                    for item in items:
+                        pending.append(pool.submit(fn, item))
+                        if len(pending) > 2 * workers:
+                            yield pending.popleft().result()
+                    while pending:
                         yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
             finally:
                 torch.set_num_threads(workers)
 

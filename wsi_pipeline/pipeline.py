@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -606,8 +606,9 @@ def run_slide(slide: Slide, out_dir: Path, options: RunOptions, progress: bool =
             yield batch
         bar.close()
 
-    with _restoring_opencv_threads():
-        return write_outputs(plan, classified(), classifier, options, out_dir)
+    # Closed on any error, so the classifier's workers stop and torch gets its threads back.
+    with _restoring_opencv_threads(), closing(classified()) as batches:
+        return write_outputs(plan, batches, classifier, options, out_dir)
 
 
 def _write_mosaics(
