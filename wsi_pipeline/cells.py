@@ -193,10 +193,8 @@ def _od_of(rgb: tuple[float, float, float]) -> FloatArray:
     return -np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / 256.0)
 
 
-#: Optical density of each 8-bit value, as an OpenCV lookup table for three channels.
-_OD_LUT = np.repeat(
-    -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)[None, :, None], 3, axis=2
-)
+#: Optical density of each 8-bit value, as a lookup table.
+_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
 #: Step of the 16-bit fixed-point optical density in which blocks are averaged, about 1e-4.
 _OD_STEP = np.float32(np.log(256.0) / np.iinfo(np.uint16).max)
 _OD_LUT_FIXED = np.round(_OD_LUT / _OD_STEP).astype(np.uint16)
@@ -205,7 +203,13 @@ _UNMIXING_ROW = _unmixing_row().astype(np.float32)[None, :]
 
 def optical_density(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
     """Optical density ``-log((value + 1) / 256)`` of every channel, shape (H, W, 3)."""
-    return cv2.LUT(_rgb(rgb), _OD_LUT)
+    return _look_up(_rgb(rgb), _OD_LUT)
+
+
+def _look_up(image: NDArray[np.uint8], table: NDArray) -> NDArray:
+    """``table[image]`` of a contiguous image, by OpenCV on a one-channel view of it: one table
+    for every channel, and half the time of a three-channel lookup."""
+    return cv2.LUT(image.reshape(image.shape[0], -1), table).reshape(image.shape)
 
 
 def _rgb(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
@@ -344,7 +348,7 @@ def _work_density(rgb: NDArray[np.uint8], mpp: float, params: DetectParams) -> N
     f = _block(mpp, params)
     if f == 1:
         return optical_density(rgb)
-    fixed = cv2.LUT(_rgb(rgb), _OD_LUT_FIXED)
+    fixed = _look_up(_rgb(rgb), _OD_LUT_FIXED)
     return _block_mean(fixed, f).astype(np.float32) * _OD_STEP
 
 
