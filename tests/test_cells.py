@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 from skimage import morphology
 
 from wsi_pipeline.cells import (
@@ -17,6 +20,7 @@ from wsi_pipeline.cells import (
     DetectParams,
     _drop_small,
     _label,
+    _link,
     detect_cells,
     learn_threshold,
     nuclear_stain,
@@ -69,6 +73,19 @@ def test_labelling_is_scipys_and_small_pieces_go_as_in_skimage():
         np.testing.assert_array_equal(
             _drop_small(mask, max_size), morphology.remove_small_objects(mask, max_size=max_size)
         )
+
+
+def test_linked_pieces_are_scipys_connected_components():
+    rng = np.random.default_rng(1)
+    for count, reach in ((1, 5.0), (40, 3.0), (300, 6.0), (300, 12.0)):
+        centres = rng.random((count, 2)) * 100
+        pairs = cKDTree(centres).query_pairs(reach, output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs)), tuple(pairs.T)), shape=(count, count))
+        expected = connected_components(graph, directed=False)[1] + 1
+        np.testing.assert_array_equal(_link(centres, reach), expected)
+    # A chain whose lowest index sits at its far end takes several rounds.
+    chain = np.column_stack([np.zeros(50), np.arange(50)[::-1] * 2.0])
+    np.testing.assert_array_equal(_link(chain, 2.5), np.ones(50))
 
 
 def test_blank_image_has_no_cells():
