@@ -25,7 +25,8 @@ from skimage.measure import points_in_poly
 from wsi_pipeline import classify, pipeline
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.options import RunOptions
-from wsi_pipeline.pipeline import TileCells, batched, lower_thread_priority, prefetch, run_slide
+from wsi_pipeline.pipeline import TileCells, batched, lower_thread_priority, run_slide
+from wsi_pipeline.prefetch import prefetch
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.store import read_summary
 from wsi_pipeline.synth import write_synthetic_slide

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +28,7 @@ import torch
 from numpy.typing import NDArray
 
 from wsi_pipeline.cards import ClassifierCard, build_model, load_card, load_state_dicts
+from wsi_pipeline.prefetch import prefetch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -168,17 +167,10 @@ class Classifier:
         if workers == 1:
             yield from map(fn, items)
             return
-        pending: deque[Future[R]] = deque()
         with _one_thread_per_op:
             torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(workers) as pool:  # all passes end before the restore
-                    for item in items:
-                        pending.append(pool.submit(fn, item))
-                        if len(pending) > 2 * workers:
-                            yield pending.popleft().result()
-                    while pending:
-                        yield pending.popleft().result()
+            try:  # prefetch ends its passes before the restore
+                yield from prefetch(fn, items, 2 * workers, workers=workers)
             finally:
                 torch.set_num_threads(workers)
 

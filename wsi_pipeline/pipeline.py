@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
@@ -43,6 +43,7 @@ from wsi_pipeline.counts import Differential, differential
 from wsi_pipeline.crops import crop_from_array
 from wsi_pipeline.geojson import GeoJSONWriter, hex_to_rgb
 from wsi_pipeline.options import REGION_CHOICES, RunOptions
+from wsi_pipeline.prefetch import prefetch
 from wsi_pipeline.regions import CLASSES as REGION_CLASSES
 from wsi_pipeline.regions import score_regions
 from wsi_pipeline.report import write_report
@@ -67,9 +68,6 @@ MALLOC_KEEP_MB = 512
 #: glibc's ``mallopt`` parameters: the free memory kept at a heap's top, the most blocks mapped
 #: on their own, the most arenas.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -296,31 +294,6 @@ def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> Ti
     return TileCells(columns, cells.crops, seconds)
 
 
-def prefetch(
-    fn: Callable[[T], R],
-    items: Iterable[T],
-    depth: int = 2,
-    on_ahead: Callable[[], Any] | None = None,
-) -> Iterator[R]:
-    """``map(fn, items)`` computed up to ``depth`` items ahead on a background thread, in order.
-
-    ``on_ahead`` runs once on the background thread, after the item in progress, the first time
-    all ``depth`` items are ready before they are asked for: from then on the consumer, not
-    ``fn``, sets the pace.
-    """
-    pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > depth:
-                if on_ahead is not None and pending[-2].done():  # and so every earlier one
-                    pool.submit(on_ahead)
-                    on_ahead = None
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 def lower_thread_priority(thread_id: int, step: int = BACKGROUND_NICENESS) -> None:
     """Add ``step`` to one thread's niceness, up to 19 (Linux only; elsewhere, or if refused,
     nothing changes)."""
@@ -395,9 +368,11 @@ def batched(
         held += len(part)
         if on_part:
             on_part()
-        while held >= size:
-            batch, rest = TileCells.concat(buffer).split(size)
-            yield batch
+        if held >= size:
+            rest = TileCells.concat(buffer)
+            while len(rest) >= size:
+                batch, rest = rest.split(size)  # views: the cells are copied once
+                yield batch
             buffer, held = ([rest] if len(rest) else []), len(rest)
     if buffer:
         yield TileCells.concat(buffer)
