@@ -15,13 +15,16 @@ seed, then measures, each phase in its own subprocess so its peak RSS is its own
 * ``end_to_end``: :func:`wsi_pipeline.pipeline.run_slide` with and without saliency, then
   (without saliency) the classifier alone on all of the run's own crops, one forward pass at a
   time on its workers as the pipeline runs it (``Classifier.stream``), in the same process: the
-  reference of ``end_to_end_vs_classifier``.
+  reference of ``end_to_end_vs_classifier``. On a CPU the large slide runs once more with one
+  classifier worker fewer, run and reference alike: the ratio when reading and detection have a
+  core to themselves (``end_to_end_vs_classifier_spare_core``). The run's CPU time gives the
+  most any schedule could reach on a busy CPU (``end_to_end_cpu_bound_vs_classifier``).
 
 Prints one JSON document with seconds, megapixels or cells per second, peak RSS, the ratios of
 issue 7 and their aims, the machine and the versions. Megapixels are level-0 pixels.
 
 Usage: ``python benchmarks/run.py [--sizes 20000 60000] [--cache DIR] [--classifier NAME]``
-(about 6 min on 2 cores the first time, 1 GB of cached slides; 3.5 min once they are cached)
+(about 8 min on 2 cores the first time, 1 GB of cached slides; 5.5 min once they are cached)
 """
 
 from __future__ import annotations
@@ -324,10 +327,24 @@ def phase_classify(card: str, crops: str, device: str, batch_size: int | None, r
 
 
 def phase_end_to_end(
-    slide: str, card: str, device: str, batch_size: int | None, saliency: bool, out: str
+    slide: str,
+    card: str,
+    device: str,
+    batch_size: int | None,
+    saliency: bool,
+    out: str,
+    torch_threads: int | None = None,
 ) -> dict:
     """``run_slide`` on one slide with default options (model loaded beforehand, not timed);
-    without saliency, then the classifier alone on the run's own crops."""
+    without saliency, then the classifier alone on the run's own crops. ``torch_threads`` caps
+    the classifier's threads (its workers on a CPU) in both, leaving the other cores to the
+    rest of the run; by default the classifier has all of them.
+
+    ``cpu_seconds`` is the process's CPU time (every thread, user and system) over the run: on
+    a busy CPU, ``cells / (cpu_seconds / cores)`` is the most any schedule of the same work
+    could reach.
+    """
+    import torch
     import zarr
 
     from wsi_pipeline.classify import get_classifier
@@ -341,14 +358,16 @@ def phase_end_to_end(
         batch_size=batch_size,
         saliency=SALIENCY_METHODS if saliency else (),
     )
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     after_imports = peak_rss_mb()
     load = Stopwatch()
     with load.timing():
         classifier = get_classifier(card, device, batch_size)  # cached: run_slide reuses it
     with tempfile.TemporaryDirectory(dir=out) as folder, open_slide(slide) as opened:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = run_slide(opened, Path(folder), options, progress=False)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         run_memory = memory(after_imports)
         if not saliency:
             alone = _classifier_alone(classifier, zarr.open_group(result.store, mode="r")["crops"])
@@ -356,8 +375,10 @@ def phase_end_to_end(
     figures = {
         "saliency": list(options.saliency) or "none",
         "seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
         "cells": cells,
         "cells_per_s": rate(cells, wall),
+        "classifier_workers": classifier.workers,
         "model_load_seconds": round(load.seconds, 2),
         "stage_seconds": {name: round(v, 2) for name, v in result.timings.items()},
         **run_memory,
@@ -370,19 +391,21 @@ def phase_end_to_end(
 def _classifier_alone(classifier, crops) -> dict:
     """The classifier alone on every crop of a run (a zarr array), one forward pass at a time on
     its workers, as the pipeline runs it (``Classifier.stream``)."""
-    seconds, step, count = 0.0, classifier.pass_size, crops.shape[0]
+    seconds, cpu, step, count = 0.0, 0.0, classifier.pass_size, crops.shape[0]
     for first in range(0, count, REFERENCE_BLOCK):
         block = crops[first : first + REFERENCE_BLOCK]
         passes = (block[at : at + step] for at in range(0, len(block), step))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in classifier.stream(classifier.predict_proba, passes):
             pass
         seconds += time.perf_counter() - start
+        cpu += time.process_time() - cpu_start
     return {
         "crops": count,
         "batch_size": classifier.batch_size,
         "crops_per_forward_pass": step,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
         "cells_per_s": rate(count, seconds),
     }
 
@@ -479,6 +502,21 @@ def measure(args: argparse.Namespace) -> dict:
         ]
     read, classify = stages["read"][str(large)], stages["classify"]
     e2e_small, e2e_large = stages["end_to_end"][str(small)][0], stages["end_to_end"][str(large)][0]
+    host = machine()
+    spare = None
+    if e2e_large["classifier_workers"] > 1 and (host["gpu"] is None or args.device == "cpu"):
+        spare = stages["end_to_end_spare_core"] = run_phase(
+            SCRIPT,
+            "end_to_end",
+            slide=str(slides[large]),
+            saliency=False,
+            out=str(cache),
+            torch_threads=e2e_large["classifier_workers"] - 1,
+            **common,
+            **model,
+        )
+    alone = e2e_large["classifier_alone"]["cells_per_s"]
+    cpu_bound = rate(e2e_large["cells"] * host["cpus_usable"], e2e_large["cpu_seconds"])
     ratios = {
         "read_vs_tifffile": ratio(read["wsi_pipeline"]["mp_per_s"], read["tifffile"]["mp_per_s"]),
         "read_level0_vs_tifffile": ratio(
@@ -488,8 +526,11 @@ def measure(args: argparse.Namespace) -> dict:
         "classify_vs_bare_loop": ratio(
             classify["wsi_pipeline"]["cells_per_s"], classify["bare_loop"]["cells_per_s"]
         ),
-        "end_to_end_vs_classifier": ratio(
-            e2e_large["cells_per_s"], e2e_large["classifier_alone"]["cells_per_s"]
+        "end_to_end_vs_classifier": ratio(e2e_large["cells_per_s"], alone),
+        "end_to_end_cpu_bound_vs_classifier": ratio(cpu_bound, alone),
+        "end_to_end_vs_cpu_bound": ratio(e2e_large["cells_per_s"], cpu_bound),
+        "end_to_end_vs_classifier_spare_core": (
+            ratio(spare["cells_per_s"], spare["classifier_alone"]["cells_per_s"]) if spare else None
         ),
         "end_to_end_vs_classify_phase": ratio(
             e2e_large["cells_per_s"], classify["wsi_pipeline"]["cells_per_s"]
@@ -522,8 +563,13 @@ def measure(args: argparse.Namespace) -> dict:
             "ratios_from": "read and end to end on the large slide (saliency none), end to end "
             "against the classifier alone on that run's crops right after it; classify on real "
             "crops of the small slide; peak RSS of end to end (saliency none)",
+            "cpu_bound": "the large slide's cells per second if the run's CPU time were spread "
+            "over every usable core without a gap: cells x cores / cpu_seconds",
+            "spare_core": "end_to_end_spare_core: the large slide again with one classifier "
+            "worker fewer (torch threads), in the run and in its classifier-alone reference, so "
+            "reading and detection have a core of their own (CPU only)",
         },
-        "machine": machine(),
+        "machine": host,
         "versions": versions(),
         "generation": generation,
         "stages": stages,
