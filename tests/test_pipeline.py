@@ -25,7 +25,7 @@ from skimage.measure import points_in_poly
 from wsi_pipeline import classify, pipeline
 from wsi_pipeline.cards import load_card
 from wsi_pipeline.options import RunOptions
-from wsi_pipeline.pipeline import TileCells, batched, lower_thread_priority, run_slide
+from wsi_pipeline.pipeline import TileCells, batched, lower_own_priority, run_slide
 from wsi_pipeline.prefetch import prefetch
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.store import read_summary
@@ -272,12 +272,12 @@ def test_prefetch_behind_its_consumer_never_says_so():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_lower_thread_priority_lowers_that_thread_only():
+def test_lower_own_priority_lowers_that_thread_only():
     seen: dict[str, int] = {}
 
     def worker() -> None:
         before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        lower_thread_priority(threading.get_native_id(), 5)
+        lower_own_priority(5)
         seen["expected"] = min(19, before + 5)
         seen["after"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 

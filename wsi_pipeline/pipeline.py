@@ -294,10 +294,11 @@ def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> Ti
     return TileCells(columns, cells.crops, seconds)
 
 
-def lower_thread_priority(thread_id: int, step: int = BACKGROUND_NICENESS) -> None:
-    """Add ``step`` to one thread's niceness, up to 19 (Linux only; elsewhere, or if refused,
-    nothing changes)."""
+def lower_own_priority(step: int = BACKGROUND_NICENESS) -> None:
+    """Add ``step`` to the calling thread's niceness, up to 19 (Linux only; elsewhere, or if
+    refused, nothing changes)."""
     if sys.platform.startswith("linux"):
+        thread_id = threading.get_native_id()
         with suppress(OSError):
             now = os.getpriority(os.PRIO_PROCESS, thread_id)
             os.setpriority(os.PRIO_PROCESS, thread_id, min(19, now + step))
@@ -328,10 +329,6 @@ def tune_malloc(arenas: int | None = None) -> None:
             mallopt(_M_MMAP_MAX, 0)
             mallopt(_M_TRIM_THRESHOLD, MALLOC_KEEP_MB << 20)
             mallopt(_M_ARENA_MAX, arenas or os.cpu_count() or 1)
-
-
-def _lower_own_priority() -> None:
-    lower_thread_priority(threading.get_native_id())
 
 
 def _keep_opencv_on_this_thread() -> None:
@@ -476,7 +473,7 @@ def write_outputs(
         ) as features,
         # Compressing chunks and encoding GeoJSON run on a low-priority thread, in order, in the
         # time the classifier leaves.
-        ThreadPoolExecutor(max_workers=1, initializer=_lower_own_priority) as background,
+        ThreadPoolExecutor(max_workers=1, initializer=lower_own_priority) as background,
     ):
 
         def write(cells: dict[str, NDArray], crops: NDArray[np.uint8]) -> None:
