@@ -18,6 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Headless Chromium renders the HTML report in the tests: Debian's package, installed when we
 # are root on Debian; elsewhere that one test is skipped and says why.

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from wsi_pipeline.cells import DetectParams, detect_cells
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.image.detect import DetectParams, detect_cells
+from wsi_pipeline.image.slide import open_slide
 
 BCCD_MPP = 0.07
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsi_pipeline.classify import Classifier
-from wsi_pipeline.evaluate import classification_report
-from wsi_pipeline.train import LabelledCrops, TrainConfig, fit
+from wsi_pipeline.learn.evaluate import classification_report
+from wsi_pipeline.learn.train import LabelledCrops, TrainConfig, fit
+from wsi_pipeline.model.classify import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = ("BASOPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")

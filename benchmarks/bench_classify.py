@@ -1,4 +1,4 @@
-"""Cells per second of ``wsi_pipeline.classify`` beside a bare ``model(batch)`` loop.
+"""Cells per second of ``wsi_pipeline.model.classify`` beside a bare ``model(batch)`` loop.
 
 Both run in this process on the same crops, device, batch size and network, interleaved round
 by round so that load from other processes hits both alike; the median round is reported. The
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from wsi_pipeline.classify import get_classifier
+from wsi_pipeline.model.classify import get_classifier
 
 
 def _bare_loop(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:

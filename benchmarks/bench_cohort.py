@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsi_pipeline.cluster import dask_client, load_workflow
-from wsi_pipeline.cohort import run_cohort
-from wsi_pipeline.options import RunOptions
-from wsi_pipeline.synth import write_synthetic_slide
+from wsi_pipeline.run.cluster import dask_client, load_workflow
+from wsi_pipeline.run.folder import run_cohort
+from wsi_pipeline.run.options import RunOptions
+from wsi_pipeline.synth.smear import write_synthetic_slide
 
 
 def standard_slides(cache: Path, count: int, size: tuple[int, int]) -> list[Path]:

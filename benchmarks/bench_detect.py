@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.cells import CellTable, DetectParams, detect_cells, slide_threshold
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synth import match_ground_truth, write_synthetic_slide
-from wsi_pipeline.tiles import plan_tiles
+from wsi_pipeline.image.detect import DetectedCells, DetectParams, detect_cells, slide_threshold
+from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.image.tiles import plan_tiles
+from wsi_pipeline.synth.smear import match_ground_truth, write_synthetic_slide
 
 TILE_MPP, TILE_SIZE, OVERLAP_UM = 1 / 3, 1024, 32.0
 THRESHOLD_SAMPLE_TILES = 8  # as the pipeline: the threshold is learned once per slide
 
 
-def match_truth(truth: np.ndarray, cells: CellTable, mpp: float) -> int:
+def match_truth(truth: np.ndarray, cells: DetectedCells, mpp: float) -> int:
     """Ground-truth cells matched one-to-one within half their diameter."""
     truth_xy = np.column_stack([truth["x"], truth["y"]])
     cells_xy = np.column_stack([cells.x, cells.y])
@@ -58,7 +58,7 @@ def run_one(size: int, seed: int) -> dict:
                 cells = detect_cells(rgb, tile.mpp, tile.origin, params, slide.mpp)
                 detect_seconds += time.perf_counter() - tic
                 found.append(cells.select(tile.owns(cells.x, cells.y)))
-            cells = CellTable.concat(found)
+            cells = DetectedCells.concat(found)
             matched = match_truth(truth, cells, slide.mpp)
         total = time.perf_counter() - start
     return {

@@ -1,13 +1,13 @@
 """Slide I/O: synthetic SVS write speed and peak memory, then read-back speed of three readers.
 
-Each slide is written by :func:`wsi_pipeline.synth.write_synthetic_slide` in its own subprocess,
-which reports its wall time, CPU time and peak resident memory (``getrusage``), so the writer's
-memory is measured alone. Writing slides of several sizes shows that peak memory follows the
-width (one band), not the area. The ``--size`` slide is then read back over the same set of
-1024 x 1024 level-0 regions three ways: :meth:`wsi_pipeline.slide.Slide.read_region` at the
-native microns per pixel, raw ``openslide.OpenSlide.read_region``, and tifffile decoding the
-JPEG tiles that cover each region. The page cache is warmed first so every reader sees the same
-disk state.
+Each slide is written by :func:`wsi_pipeline.synth.smear.write_synthetic_slide` in its own
+subprocess, which reports its wall time, CPU time and peak resident memory (``getrusage``), so
+the writer's memory is measured alone. Writing slides of several sizes shows that peak memory
+follows the width (one band), not the area. The ``--size`` slide is then read back over the same
+set of 1024 x 1024 level-0 regions three ways:
+:meth:`wsi_pipeline.image.slide.Slide.read_region` at the native microns per pixel, raw
+``openslide.OpenSlide.read_region``, and tifffile decoding the JPEG tiles that cover each
+region. The page cache is warmed first so every reader sees the same disk state.
 
 Usage: ``python benchmarks/bench_slide_io.py [--size 20000] [--sizes 5000 10000] [--regions 24]``;
 prints one JSON document.
@@ -28,7 +28,7 @@ import numpy as np
 import openslide
 from _measure import tifffile_region_reader
 
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.image.slide import open_slide
 
 REGION = 1024
 MPP = 0.25
@@ -36,7 +36,7 @@ MPP = 0.25
 # Runs in the child: write one slide, then report timings and the child's own peak RSS.
 _WRITER = """
 import json, resource, sys, time
-from wsi_pipeline.synth import write_synthetic_slide
+from wsi_pipeline.synth.smear import write_synthetic_slide
 path, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 start, cpu0 = time.perf_counter(), time.process_time()
 write_synthetic_slide(path, size=(width, height), seed=0)
@@ -83,7 +83,7 @@ def time_reader(read: Callable[[tuple[int, int]], np.ndarray], origins: list) ->
 
 
 def read_back(path: Path, size: int, count: int) -> dict:
-    """Read the same regions through wsi_pipeline.slide, OpenSlide and tifffile."""
+    """Read the same regions through wsi_pipeline.image.slide, OpenSlide and tifffile."""
     path.read_bytes()  # warm the page cache for every reader alike
     origins = region_origins(size, count)
     with open_slide(path) as slide:

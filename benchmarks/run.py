@@ -4,15 +4,15 @@ Generates (once, into a cache folder) a small and a large synthetic marrow smear
 seed, then measures, each phase in its own subprocess so its peak RSS is its own:
 
 * ``read``: the planned tiles read four ways, interleaved tile by tile in one process:
-  :meth:`wsi_pipeline.slide.Slide.read_region` at the classifier's resolution and at level 0,
+  :meth:`wsi_pipeline.image.slide.Slide.read_region` at the classifier's resolution and at level 0,
   tifffile decoding the level-0 JPEG tiles of the same regions, and OpenSlide ``read_region``
   of the same regions;
-* ``detect``: :func:`wsi_pipeline.pipeline.detect_tiles` over every planned tile (read, detect,
+* ``detect``: :func:`wsi_pipeline.run.local.detect_tiles` over every planned tile (read, detect,
   crop), beside plain reading of the same tiles, so the detection share is known;
 * ``classify``: ``Classifier.predict_proba`` on real cell crops, a bare ``model(batch)`` loop
   over the same preprocessed tensors, and TIAToolbox's ``PatchPredictor`` (patch mode) wrapping
   the same timm networks, interleaved round by round on the same device and batch size;
-* ``end_to_end``: :func:`wsi_pipeline.pipeline.run_slide` with and without saliency, then
+* ``end_to_end``: :func:`wsi_pipeline.run.local.run_slide` with and without saliency, then
   (without saliency) the classifier alone on all of the run's own crops, one forward pass at a
   time on its workers as the pipeline runs it (``Classifier.stream``), in the same process: the
   reference of ``end_to_end_vs_classifier``. On a CPU the large slide runs once more with one
@@ -75,9 +75,9 @@ REFERENCE_BLOCK = 1024
 
 def _plan(slide, card_path: str):
     """The run's plan of a slide (default options), without hashing the file."""
-    from wsi_pipeline.cards import load_card
-    from wsi_pipeline.options import RunOptions
-    from wsi_pipeline.pipeline import plan_slide
+    from wsi_pipeline.model.cards import load_card
+    from wsi_pipeline.run.options import RunOptions
+    from wsi_pipeline.run.stages import plan_slide
 
     card = load_card(card_path)
     return card, plan_slide(slide, card, RunOptions(classifier=card_path), checksum=NOT_HASHED)
@@ -107,7 +107,7 @@ def phase_read(slide: str, card: str, tiles: int) -> dict:
     """Megapixels per second of three readers over the same planned tiles, interleaved."""
     import openslide
 
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.image.slide import open_slide
 
     path = Path(slide)
     after_imports = peak_rss_mb()
@@ -153,8 +153,8 @@ def phase_read(slide: str, card: str, tiles: int) -> dict:
 
 def phase_detect(slide: str, card: str, crops_out: str | None, keep: int) -> dict:
     """``detect_tiles`` over every planned tile, beside plain reads of the same tiles."""
-    from wsi_pipeline.pipeline import detect_tiles
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.image.slide import open_slide
+    from wsi_pipeline.run.stages import detect_tiles
 
     path = Path(slide)
     after_imports = peak_rss_mb()
@@ -260,8 +260,8 @@ def phase_classify(card: str, crops: str, device: str, batch_size: int | None, r
     import torch
     from tiatoolbox.models import IOPatchPredictorConfig  # before the memory baseline
 
-    from wsi_pipeline.classify import Classifier
-    from wsi_pipeline.pipeline import tune_malloc
+    from wsi_pipeline.model.classify import Classifier
+    from wsi_pipeline.run.tuning import tune_malloc
 
     tune_malloc()
 
@@ -347,10 +347,10 @@ def phase_end_to_end(
     import torch
     import zarr
 
-    from wsi_pipeline.classify import get_classifier
-    from wsi_pipeline.options import SALIENCY_METHODS, RunOptions
-    from wsi_pipeline.pipeline import run_slide
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.image.slide import open_slide
+    from wsi_pipeline.model.classify import get_classifier
+    from wsi_pipeline.run.local import run_slide
+    from wsi_pipeline.run.options import SALIENCY_METHODS, RunOptions
 
     options = RunOptions(
         classifier=card,
@@ -433,7 +433,7 @@ def ensure_slide(cache: Path, size: int) -> tuple[Path, dict]:
 
 def benchmark_card(name: str, cache: Path) -> tuple[str, str]:
     """The card to run and what its weights are: its own, or an untrained copy when it has none."""
-    from wsi_pipeline.cards import build_model, load_card, save_weights, write_card
+    from wsi_pipeline.model.cards import build_model, load_card, save_weights, write_card
 
     card = load_card(name)
     if card.weights:

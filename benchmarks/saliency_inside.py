@@ -16,8 +16,8 @@ import json
 import numpy as np
 import zarr
 
-from wsi_pipeline.explain import contour_masks, saliency_share_inside
-from wsi_pipeline.store import read_summary
+from wsi_pipeline.model.explain import contour_masks, saliency_share_inside
+from wsi_pipeline.results.store import read_summary
 
 
 def saliency_inside(store: str) -> dict:

@@ -23,7 +23,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def untrained_card(tmp_path_factory) -> Path:
     """A real classifier card with untrained weights, for tests about plumbing, not accuracy."""
-    from wsi_pipeline.cards import build_model, load_card, save_weights, write_card
+    from wsi_pipeline.model.cards import build_model, load_card, save_weights, write_card
 
     folder = tmp_path_factory.mktemp("card")
     base = load_card("synthetic-demo")

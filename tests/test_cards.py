@@ -8,7 +8,8 @@ import tomllib
 import pytest
 import torch
 
-from wsi_pipeline.cards import (
+from wsi_pipeline.image.slide import file_sha256
+from wsi_pipeline.model.cards import (
     CardError,
     ModelSpec,
     WeightsFile,
@@ -20,7 +21,6 @@ from wsi_pipeline.cards import (
     save_weights,
     write_card,
 )
-from wsi_pipeline.slide import file_sha256
 
 
 @pytest.fixture

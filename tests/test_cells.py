@@ -14,21 +14,21 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from skimage import morphology
 
-from wsi_pipeline.cells import (
-    CONTOUR_VERTICES,
-    CellTable,
+from wsi_pipeline.core.schema import CONTOUR_VERTICES
+from wsi_pipeline.image.detect import (
+    DetectedCells,
     DetectParams,
     _drop_small,
     _label,
     _link,
     detect_cells,
     learn_threshold,
-    nuclear_stain,
     slide_threshold,
 )
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synth import CLASS_MIX, match_ground_truth, write_synthetic_slide
-from wsi_pipeline.tiles import plan_tiles
+from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.image.stain import nuclear_stain
+from wsi_pipeline.image.tiles import plan_tiles
+from wsi_pipeline.synth.smear import CLASS_MIX, match_ground_truth, write_synthetic_slide
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,14 +111,14 @@ def test_one_synthetic_cell_found_where_it_is(synthetic):
     assert 15 <= cells.area_um2[nearest] <= 400 and 0 <= cells.score[nearest] < 1
 
 
-def _detect_tiled(rgb: np.ndarray, mpp: float, tile_size: int, overlap_um: float) -> CellTable:
+def _detect_tiled(rgb: np.ndarray, mpp: float, tile_size: int, overlap_um: float) -> DetectedCells:
     """Detect over an in-memory image tile by tile, keeping each cell in its owning tile."""
     height, width = rgb.shape[:2]
     tables = []
     for tile in plan_tiles((width, height), mpp, mpp, tile_size, overlap_um):
         found = detect_cells(rgb[tile.y0 : tile.y1, tile.x0 : tile.x1], mpp, tile.origin)
         tables.append(found.select(tile.owns(found.x, found.y)))
-    return CellTable.concat(tables)
+    return DetectedCells.concat(tables)
 
 
 def test_cells_on_tile_borders_are_counted_once(synthetic):
@@ -160,7 +160,7 @@ def _synthetic_matches(folder: Path, seed: int) -> tuple[np.ndarray, int, int]:
         for tile, rgb in zip(tiles, images, strict=True):
             cells = detect_cells(rgb, mpp, tile.origin, params, slide.mpp)
             found.append(cells.select(tile.owns(cells.x, cells.y)))
-    cells = CellTable.concat(found)
+    cells = DetectedCells.concat(found)
     truth_xy = np.column_stack([truth["x"], truth["y"]])
     cells_xy = np.column_stack([cells.x, cells.y])
     matched, _ = match_ground_truth(truth_xy, truth["diameter_um"], cells_xy, 0.25)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_pipeline.cards import load_card
-from wsi_pipeline.classify import Classifier, classify_crops, get_classifier
-from wsi_pipeline.datasets import load_crops, scan_labelled_folder, write_synthetic_crops
+from wsi_pipeline.learn.datasets import load_crops, scan_labelled_folder, write_synthetic_crops
+from wsi_pipeline.model.cards import load_card
+from wsi_pipeline.model.classify import Classifier, classify_crops, get_classifier
 
 CARD = "synthetic-demo"
 

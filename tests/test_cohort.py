@@ -17,12 +17,12 @@ import psutil
 import pytest
 import zarr
 
-from wsi_pipeline.cluster import dask_client, load_workflow
-from wsi_pipeline.cohort import run_cohort
-from wsi_pipeline.options import RunOptions
-from wsi_pipeline.pipeline import run_slide
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synth import write_synthetic_slide
+from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.run.cluster import dask_client, load_workflow
+from wsi_pipeline.run.folder import run_cohort
+from wsi_pipeline.run.local import run_slide
+from wsi_pipeline.run.options import RunOptions
+from wsi_pipeline.synth.smear import write_synthetic_slide
 
 WSI_RUN = Path(sys.executable).with_name("wsi-run")
 GOOD = ("smear-1", "smear-2", "smear-3")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from wsi_pipeline.counts import ICSH_MIN_CELLS, differential, wilson_interval
-from wsi_pipeline.taxonomy import codes
+from wsi_pipeline.core.taxonomy import codes
+from wsi_pipeline.results.counts import ICSH_MIN_CELLS, differential, wilson_interval
 
 ALL = codes()
 

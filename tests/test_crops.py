@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from wsi_pipeline.crops import crop_cells, crop_from_array
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synth import write_synthetic_slide
+from wsi_pipeline.image.crops import crop_cells, crop_from_array
+from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.synth.smear import write_synthetic_slide
 
 
 def test_crop_is_centred_and_resampled():

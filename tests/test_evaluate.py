@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from wsi_pipeline.cards import load_card
-from wsi_pipeline.evaluate import (
+from wsi_pipeline.learn.evaluate import (
     classification_report,
     comparison_table,
     evaluate_folder,
@@ -16,6 +15,7 @@ from wsi_pipeline.evaluate import (
     write_confusion_csv,
     write_confusion_png,
 )
+from wsi_pipeline.model.cards import load_card
 
 CODES = ("MYB", "MMZ", "NGS", "LYT")
 

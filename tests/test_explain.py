@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from wsi_pipeline import explain
+from wsi_pipeline.model import explain
 
 SIZE = 64
 

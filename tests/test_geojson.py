@@ -10,8 +10,8 @@ import uuid
 import numpy as np
 import pytest
 
-from wsi_pipeline.geojson import UNCERTAIN_CLASS, GeoJSONWriter, hex_to_rgb, write_geojson
-from wsi_pipeline.taxonomy import cell_class
+from wsi_pipeline.core.taxonomy import cell_class
+from wsi_pipeline.results.geojson import UNCERTAIN_CLASS, GeoJSONWriter, hex_to_rgb, write_geojson
 
 CODES = ("BLA", "EBO", "NGS")
 COLORS = {code: hex_to_rgb(cell_class(code).colour) for code in CODES}

@@ -22,14 +22,18 @@ import zarr
 from PIL import Image
 from skimage.measure import points_in_poly
 
-from wsi_pipeline import classify, pipeline
-from wsi_pipeline.cards import load_card
-from wsi_pipeline.options import RunOptions
-from wsi_pipeline.pipeline import TileCells, batched, lower_own_priority, run_slide
-from wsi_pipeline.prefetch import prefetch
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.store import read_summary
-from wsi_pipeline.synth import write_synthetic_slide
+from wsi_pipeline.core.prefetch import prefetch
+from wsi_pipeline.core.schema import CELL_FIELDS
+from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.model import classify
+from wsi_pipeline.model.cards import load_card
+from wsi_pipeline.results.store import read_summary
+from wsi_pipeline.run import publish, tuning
+from wsi_pipeline.run.local import run_slide
+from wsi_pipeline.run.options import RunOptions
+from wsi_pipeline.run.stages import TileCells, batched
+from wsi_pipeline.run.tuning import lower_own_priority
+from wsi_pipeline.synth.smear import write_synthetic_slide
 
 BIN = Path(sys.executable).parent
 FAST = RunOptions(classifier="synthetic-demo", saliency_cells=4, device="cpu")
@@ -54,6 +58,13 @@ def synthetic_run(synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     with open_slide(synthetic) as slide:
         return run_slide(slide, out, FAST, progress=False), out
+
+
+def test_a_run_writes_exactly_the_declared_cell_fields(synthetic_run):
+    run, _ = synthetic_run
+    cells = zarr.open_group(run.store, mode="r")["cells"]
+    declared = {f.name: f.dtype for f in CELL_FIELDS}
+    assert {name: str(cells[name].dtype) for name in cells.array_keys()} == declared
 
 
 def ground_truth(slide: Path, rings: list) -> dict[str, int]:
@@ -159,7 +170,7 @@ def test_a_run_failing_midway_gives_torch_its_threads_back(synthetic, tmp_path, 
             raise MemoryError("out of memory")
 
     # Raised while the run consumes its batches, with the classifier's workers mid-stream.
-    monkeypatch.setattr(pipeline._Explained, "add", failing)
+    monkeypatch.setattr(publish.ExplainedCells, "add", failing)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -291,8 +302,8 @@ def test_lower_own_priority_lowers_that_thread_only():
 
 def test_detection_ahead_keeps_opencv_to_itself_until_the_run_ends():
     before = cv2.getNumThreads()
-    with pipeline._restoring_opencv_threads():
-        thread = threading.Thread(target=pipeline._keep_opencv_on_this_thread)
+    with tuning.restoring_opencv_threads():
+        thread = threading.Thread(target=tuning.keep_opencv_on_this_thread)
         thread.start()
         thread.join()
         assert cv2.getNumThreads() == 1
@@ -302,7 +313,7 @@ def test_detection_ahead_keeps_opencv_to_itself_until_the_run_ends():
 _MALLOC_SCRIPT = """
 import ctypes, resource, sys, threading
 import numpy as np
-from wsi_pipeline.pipeline import tune_malloc
+from wsi_pipeline.run.tuning import tune_malloc
 if sys.argv[1] == "tuned":
     tune_malloc(2)
 start = threading.Barrier(8)

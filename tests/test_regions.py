@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_pipeline.regions import CLASSES, score_regions
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.synth import write_synthetic_slide
-from wsi_pipeline.tiles import plan_tiles
+from wsi_pipeline.image.regions import CLASSES, score_regions
+from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.image.tiles import plan_tiles
+from wsi_pipeline.synth.smear import write_synthetic_slide
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from html.parser import HTMLParser
 
 import numpy as np
 
-from wsi_pipeline.counts import differential
-from wsi_pipeline.report import write_report
-from wsi_pipeline.taxonomy import codes
+from wsi_pipeline.core.taxonomy import codes
+from wsi_pipeline.results.counts import differential
+from wsi_pipeline.results.report import write_report
 
 
 class _Collector(HTMLParser):

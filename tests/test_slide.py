@@ -10,9 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from wsi_pipeline import slide as slide_module
-from wsi_pipeline.slide import SlideError, find_slides, open_slide, resize_region
-from wsi_pipeline.synth import write_synthetic_slide
+from wsi_pipeline.image import readers
+from wsi_pipeline.image.slide import SlideError, find_slides, open_slide, resize_region
+from wsi_pipeline.synth.smear import write_synthetic_slide
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_overlapping_reads_decode_shared_tiles_once(tmp_path, monkeypatch):
     write_synthetic_slide(tmp_path / "s.svs", size=(1500, 1000), seed=3)
     decoded = _decodes_of_two_overlapping_reads(tmp_path / "s.svs", monkeypatch)
     assert len(decoded) == len(set(decoded))
-    monkeypatch.setattr(slide_module, "DECODED_TILES_MB", 0)
+    monkeypatch.setattr(readers, "DECODED_TILES_MB", 0)
     assert len(_decodes_of_two_overlapping_reads(tmp_path / "s.svs", monkeypatch)) == 2 * 6
 
 

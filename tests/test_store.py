@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_pipeline.counts import differential
-from wsi_pipeline.errors import InputError
-from wsi_pipeline.store import (
-    CELL_COLUMNS,
+from wsi_pipeline.core.errors import InputError
+from wsi_pipeline.core.schema import field_names
+from wsi_pipeline.results.counts import differential
+from wsi_pipeline.results.store import (
     FLUSH_CELLS,
     ResultWriter,
     format_summary,
@@ -68,7 +68,7 @@ def test_layout_matches_the_architecture(tmp_path):
     attrs = root.attrs.asdict()
     assert attrs["status"] == "complete" and attrs["n_cells"] == 150
     assert {"slide", "classifier", "parameters", "software", "timings", "counts"} <= set(attrs)
-    assert set(root["cells"].array_keys()) == set(CELL_COLUMNS)
+    assert set(root["cells"].array_keys()) == set(field_names())
     assert root["cells/contour"].shape == (150, 32, 2)
     assert root["cells/probabilities"].dtype == np.float32
     assert root["cells/top_class"].dtype == np.int16
@@ -113,7 +113,7 @@ KILLED_WRITER = """
 import sys, time, numpy as np
 sys.path.insert(0, {tests!r})
 from test_store import ATTRS, CODES, CROP, cell_batch
-from wsi_pipeline.store import ResultWriter
+from wsi_pipeline.results.store import ResultWriter
 writer = ResultWriter({out!r}, "demo", CODES, CROP, ATTRS)
 writer.append_cells(cell_batch(10, 0), np.zeros((10, CROP, CROP, 3), np.uint8))
 print("written", flush=True)

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from scipy.spatial import cKDTree
 
-from wsi_pipeline.synth import (
+from wsi_pipeline.synth.smear import (
     CLASS_MIX,
     MORPHOLOGY,
     Region,

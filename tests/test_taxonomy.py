@@ -6,7 +6,14 @@ import re
 
 import pytest
 
-from wsi_pipeline.taxonomy import CLASSES, GROUPS, TOLERATED_CONFUSIONS, cell_class, codes, group_of
+from wsi_pipeline.core.taxonomy import (
+    CLASSES,
+    GROUPS,
+    TOLERATED_CONFUSIONS,
+    cell_class,
+    codes,
+    group_of,
+)
 
 MLL_CODES = (
     *("ABE", "ART", "BAS", "BLA", "EBO", "EOS", "FGC", "HAC", "KSC", "LYI", "LYT"),

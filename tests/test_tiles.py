@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_pipeline.tiles import owning_tile, plan_tiles
+from wsi_pipeline.image.tiles import owning_tile, plan_tiles
 
 
 @pytest.mark.parametrize("size", [(5000, 3000), (1023, 4097), (300, 200)])

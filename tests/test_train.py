@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from wsi_pipeline.cards import load_card, save_weights, write_card
-from wsi_pipeline.classify import Classifier
-from wsi_pipeline.errors import InputError
-from wsi_pipeline.train import TrainConfig, augment, lr_at, train_classifier
+from wsi_pipeline.core.errors import InputError
+from wsi_pipeline.learn.train import TrainConfig, augment, lr_at, train_classifier
+from wsi_pipeline.model.cards import load_card, save_weights, write_card
+from wsi_pipeline.model.classify import Classifier
 
 
 def _disc_image(rng: np.random.Generator, colour: tuple[int, int, int]) -> np.ndarray:

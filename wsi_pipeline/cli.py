@@ -1,6 +1,6 @@
 """The ``wsi`` command group; ``wsi-run`` is a shortcut for ``wsi run``.
 
-Every command turns :class:`~wsi_pipeline.errors.InputError` into one line on stderr and
+Every command turns :class:`~wsi_pipeline.core.errors.InputError` into one line on stderr and
 exit code 2.
 """
 
@@ -9,19 +9,23 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from wsi_pipeline import __version__
-from wsi_pipeline.cluster import DEFAULT_WORKFLOW
-from wsi_pipeline.errors import InputError
-from wsi_pipeline.options import (
+from wsi_pipeline.core.errors import InputError
+from wsi_pipeline.run.cluster import DEFAULT_WORKFLOW
+from wsi_pipeline.run.options import (
     DEFAULT_CELLS_PER_CLASS,
     DEFAULT_CONFIDENCE_THRESHOLD,
     REGION_CHOICES,
     SALIENCY_METHODS,
     RunOptions,
 )
+
+if TYPE_CHECKING:
+    from wsi_pipeline.model.cards import ClassifierCard
 
 EXIT_BAD_INPUT = 2
 
@@ -72,6 +76,44 @@ def _cells_per_class(ctx: click.Context, param: click.Parameter, value: str) -> 
 SALIENCY = ",".join(SALIENCY_METHODS)
 
 
+def _device_option(help_text: str = "Where the classifier runs; auto uses a GPU when present."):
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help=help_text,
+    )
+
+
+def _deprecated_mpp(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    """``--mpp`` of ``wsi train``/``wsi evaluate``: the old spelling of ``--image-mpp``."""
+    if value is not None:
+        click.echo("warning: --mpp here is deprecated; use --image-mpp", err=True)
+        ctx.params["image_mpp"] = ctx.params.get("image_mpp") or value
+
+
+def _image_mpp_option(command):
+    """``--image-mpp`` (the pixel size of a folder's images), with ``--mpp`` kept for one
+    release as a deprecated, hidden alias."""
+    command = click.option(
+        "--mpp",
+        type=float,
+        default=None,
+        hidden=True,
+        expose_value=False,
+        callback=_deprecated_mpp,
+        help="Deprecated spelling of --image-mpp.",
+    )(command)
+    return click.option(
+        "--image-mpp",
+        type=float,
+        default=None,
+        is_eager=True,
+        help="Microns per pixel of the images (omit for crops exported by the pipeline).",
+    )(command)
+
+
 @wsi.command()
 @click.argument("slide", type=click.Path(path_type=Path))
 @click.option(
@@ -94,13 +136,7 @@ SALIENCY = ",".join(SALIENCY_METHODS)
     show_default="read from the slide",
     help="Level-0 microns per pixel, for slides that do not record it (or record it wrongly).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where the classifier runs; auto uses a GPU when one is present.",
-)
+@_device_option()
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -172,7 +208,7 @@ def run(
     and an HTML report per slide. A folder of slides runs on a Dask cluster (a local one unless
     --scheduler or --workflow says otherwise) and adds OUT/cohort.csv and OUT/cohort.parquet.
     """
-    from wsi_pipeline.slide import find_slides
+    from wsi_pipeline.image.slide import find_slides
 
     options = RunOptions(mpp=mpp, **settings)
     slides = find_slides(slide)
@@ -182,41 +218,44 @@ def run(
         _run_in_process(slide, out, options, quiet)
 
 
-def _announce_caveat(options: RunOptions) -> None:
+def _resolve_card(options: RunOptions) -> ClassifierCard:
+    """The run's card, resolved once and passed down; its caveat goes to stderr."""
     # Deferred: torch and timm take seconds to import, and bad input should fail fast.
-    from wsi_pipeline.cards import load_card
+    from wsi_pipeline.model.cards import load_card
 
     card = load_card(options.classifier)
     click.echo(f"{card.name}: {card.caveat}", err=True)
+    return card
 
 
 def _run_in_process(path: Path, out: Path, options: RunOptions, quiet: bool) -> None:
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.image.slide import open_slide
 
     with open_slide(path, mpp=options.mpp) as opened:
         opened.mpp  # noqa: B018 - refuse a slide without a pixel size before any work
-        _announce_caveat(options)
-        from wsi_pipeline.pipeline import run_slide
+        card = _resolve_card(options)
+        from wsi_pipeline.run.local import run_slide
 
-        outcome = run_slide(opened, out, options, progress=not quiet)
+        outcome = run_slide(opened, out, options, progress=not quiet, card=card)
     click.echo(_run_summary(path, outcome))
 
 
 def _run_on_cluster(
     slides: list[Path], out: Path, options: RunOptions, scheduler: str | None, workflow: str
 ) -> None:
-    from wsi_pipeline.cluster import dask_client, load_workflow
+    from wsi_pipeline.run.cluster import dask_client, load_workflow
 
     spec = load_workflow(workflow)
-    _announce_caveat(options)
-    from wsi_pipeline.cohort import run_cohort, write_cohort_table
+    card = _resolve_card(options)
+    from wsi_pipeline.results.cohort import write_cohort_table
+    from wsi_pipeline.run.folder import run_cohort
 
     if options.device == "auto":
         options = dataclasses.replace(options, device=spec.device)
     rows = []
     with dask_client(spec, scheduler) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-        for row in run_cohort(slides, out, options, client):
+        for row in run_cohort(slides, out, options, client, card=card):
             rows.append(row)
             detail = row["reason"] or f"{row.get('cells', 0)} cells"
             click.echo(f"[{len(rows)}/{len(slides)}] {row['slide']}: {row['status']} ({detail})")
@@ -250,7 +289,7 @@ def _run_summary(path: Path, outcome) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(store: Path, as_json: bool) -> None:
     """Summarise a result STORE (<slide-stem>.zarr)."""
-    from wsi_pipeline.store import format_summary, read_summary
+    from wsi_pipeline.results.store import format_summary, read_summary
 
     summary = read_summary(store)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
@@ -275,16 +314,8 @@ def inspect(store: Path, as_json: bool) -> None:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak AdamW rate.")
-@click.option(
-    "--mpp",
-    "source_mpp",
-    type=float,
-    default=None,
-    help="Microns per pixel of the images (omit for crops exported by the pipeline).",
-)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@_image_mpp_option
+@_device_option("Where training runs; auto uses a GPU when present.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -313,11 +344,14 @@ def inspect(store: Path, as_json: bool) -> None:
     default=None,
     help="Folder of the resumable checkpoint.",
 )
-def train(data: Path, card: str, out: Path, workdir: str | None, **config) -> None:
+def train(
+    data: Path, card: str, out: Path, workdir: str | None, image_mpp: float | None, **config
+) -> None:
     """Train a classifier card on DATA, a folder of labelled crops (one folder per MLL code)."""
-    from wsi_pipeline.train import TrainConfig, train_classifier
+    from wsi_pipeline.learn.train import TrainConfig, train_classifier
 
-    result = train_classifier(data, card, out, TrainConfig(**config), workdir=workdir)
+    train_config = TrainConfig(source_mpp=image_mpp, **config)
+    result = train_classifier(data, card, out, train_config, workdir=workdir)
     click.echo(f"wrote {result.card.path}")
 
 
@@ -331,12 +365,7 @@ def train(data: Path, card: str, out: Path, workdir: str | None, **config) -> No
     show_default=True,
     help="Card name or path; repeat to compare cards.",
 )
-@click.option(
-    "--mpp",
-    type=float,
-    default=None,
-    help="Microns per pixel of the images (omit for crops exported by the pipeline).",
-)
+@_image_mpp_option
 @click.option(
     "--subset",
     type=click.Choice(["train", "val", "test"]),
@@ -350,14 +379,14 @@ def train(data: Path, card: str, out: Path, workdir: str | None, **config) -> No
     default=None,
     help="Write confusion matrices (CSV and PNG) here.",
 )
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@_device_option()
 @click.option("--tta", type=click.IntRange(0, 8), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(folder: Path, as_json: bool, **settings) -> None:
+def evaluate(folder: Path, as_json: bool, image_mpp: float | None, **settings) -> None:
     """Per-class precision, recall and F1 of classifier cards on a labelled FOLDER."""
-    from wsi_pipeline.evaluate import evaluate_folder
+    from wsi_pipeline.learn.evaluate import evaluate_folder
 
-    scores = evaluate_folder(folder, **settings)
+    scores = evaluate_folder(folder, mpp=image_mpp, **settings)
     click.echo(json.dumps(scores, indent=2) if as_json else scores["comparison"])
 
 
@@ -382,7 +411,7 @@ def run_shortcut() -> None:
 )
 def synth(out: Path, size: tuple[int, int], seed: int, mpp: float) -> None:
     """Write a synthetic bone-marrow aspirate slide OUT (Aperio SVS) and OUT.cells.csv."""
-    from wsi_pipeline.synth import write_synthetic_slide
+    from wsi_pipeline.synth.smear import write_synthetic_slide
 
     truth = write_synthetic_slide(out, size=size, seed=seed, mpp=mpp)
     click.echo(f"wrote {out} and {truth}")

@@ -1,0 +1,1 @@
+"""Shared foundations: errors, the cell taxonomy, the cell-table schema, files, threads."""

@@ -1,0 +1,1 @@
+"""From slide file to cells: reading, the countable smear area, tiles, stain, detection, crops."""

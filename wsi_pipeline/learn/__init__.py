@@ -1,0 +1,1 @@
+"""Training and evaluating classifier cards: labelled folders, training, scores."""

@@ -1,0 +1,1 @@
+"""The classifier: cards (model, classes, weights), inference, saliency."""

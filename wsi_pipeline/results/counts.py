@@ -1,0 +1,346 @@
+"""The marrow differential count: per class and per clinical group, with 95 % Wilson intervals.
+
+Rules
+-----
+* A cell whose confidence is under ``threshold`` is **uncertain**: reported, never assigned to its
+  top class, and left out of the denominator.
+* Confident cells of a class that a marrow differential does not count (taxonomy's groups
+  ``"not counted"``: ART artefact, KSC smudge cell, NIF not identifiable; and ``"other"``: OTH) are
+  reported separately and left out of the denominator.
+* The remaining cells are **countable**; percentages are of the countable cells.
+* A class the classifier card does not have is **not assessable**: its count and percentage are
+  ``None``, never 0. A group is assessable when the card has at least one of its classes; when the
+  card lacks some of them, its percentage is a lower bound and a flag says which are missing.
+* M:E ratio (myeloid to erythroid), the standard marrow definition: myeloid = granulocytes and their
+  precursors, i.e. blasts, promyelocytes (and faggot cells), myelocytes, metamyelocytes, band and
+  segmented neutrophils, eosinophils (and abnormal eosinophils), basophils; monocytes are **not**
+  included. Erythroid = proerythroblasts (PEB) and erythroblasts (EBO). Blasts are counted as
+  myeloid because most marrow blasts are myeloblasts (the MLL BLA class does not say the lineage).
+* Blast percentage is flagged against 5 % (upper limit of normal marrow), 10 % and 20 % (WHO
+  threshold for acute leukaemia), with a note when its 95 % interval straddles a threshold.
+* Fewer than :data:`ICSH_MIN_CELLS` countable cells raises a warning (ICSH 2015 recommends a
+  500-cell marrow differential). No countable cell at all gives a "no white cells found" result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from wsi_pipeline.core.taxonomy import CLASSES, GROUPS, cell_class
+
+__all__ = [
+    "DEFAULT_CONFIDENCE_THRESHOLD",
+    "ICSH_MIN_CELLS",
+    "BLAST_THRESHOLDS",
+    "MYELOID_GROUPS",
+    "ERYTHROID_GROUPS",
+    "Tally",
+    "Differential",
+    "differential",
+    "wilson_interval",
+]
+
+DEFAULT_CONFIDENCE_THRESHOLD = 0.5
+ICSH_MIN_CELLS = 500
+BLAST_THRESHOLDS = (5.0, 10.0, 20.0)
+MYELOID_GROUPS = (
+    "blasts",
+    "promyelocytes",
+    "myelocytes",
+    "metamyelocytes",
+    "neutrophils",
+    "eosinophils",
+    "basophils",
+)
+ERYTHROID_GROUPS = ("erythroid",)
+NO_WHITE_CELLS = "no white cells found"
+_Z95 = 1.959963984540054
+
+
+def wilson_interval(
+    k: ArrayLike, n: int, z: float = _Z95
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Wilson score interval of the proportion ``k / n``, in percent.
+
+    Parameters
+    ----------
+    k : array_like of int
+        Successes.
+    n : int
+        Trials (> 0).
+    z : float
+        Normal quantile; the default gives a 95 % interval.
+
+    Returns
+    -------
+    low, high : ndarray of float64
+        Bounds in percent, within [0, 100].
+    """
+    if n <= 0:
+        raise ValueError(f"the Wilson interval needs n > 0, got {n}")
+    p = np.asarray(k, dtype=np.float64) / n
+    z2n = z * z / n
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * np.sqrt(p * (1 - p) / n + z2n / (4 * n))
+    return np.clip(centre - half, 0, 1) * 100, np.clip(centre + half, 0, 1) * 100
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One row of the differential: a class or a clinical group.
+
+    Attributes
+    ----------
+    key : str
+        Class code or group name.
+    label : str
+        Full class name or group name.
+    group : str
+        Clinical group (the group itself for a group row).
+    count : int or None
+        Cells counted; ``None`` when not assessable.
+    percent : float or None
+        Share of the countable cells; ``None`` when not assessable or when nothing was countable.
+    ci95 : tuple of float or None
+        95 % Wilson interval of ``percent``.
+    assessable : bool
+        Whether the card can recognise (at least part of) this row.
+    missing : tuple of str
+        For a group, the member classes the card lacks.
+    """
+
+    key: str
+    label: str
+    group: str
+    count: int | None
+    percent: float | None
+    ci95: tuple[float, float] | None
+    assessable: bool
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Differential:
+    """A marrow differential count (see the module docstring for the rules).
+
+    Attributes
+    ----------
+    classes : tuple of Tally
+        The countable MLL classes, in taxonomy order.
+    groups : tuple of Tally
+        The clinical groups that enter the denominator, in differential order.
+    not_counted : tuple of Tally
+        Classes reported outside the denominator (percent of all cells found).
+    total_cells, uncertain, countable : int
+        Cells found; under the confidence threshold; in the denominator.
+    threshold : float
+        Confidence threshold applied.
+    me_ratio : float or None
+        Myeloid / erythroid; ``None`` when not assessable or undefined (see ``flags``).
+    blast_percent : float or None
+        Blasts among countable cells; ``None`` when not assessable.
+    blast_ci95 : tuple of float or None
+    card_classes : tuple of str
+        Codes the card recognises.
+    flags : tuple of str
+        Clinical flags (blast thresholds, M:E, what is not assessable).
+    warnings : tuple of str
+        Quality warnings (small count, no white cells).
+    """
+
+    classes: tuple[Tally, ...]
+    groups: tuple[Tally, ...]
+    not_counted: tuple[Tally, ...]
+    total_cells: int
+    uncertain: int
+    countable: int
+    threshold: float
+    me_ratio: float | None
+    blast_percent: float | None
+    blast_ci95: tuple[float, float] | None
+    card_classes: tuple[str, ...]
+    flags: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def no_white_cells(self) -> bool:
+        """Whether nothing was countable."""
+        return self.countable == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (tuples become lists, ``None`` stays ``null``)."""
+        out = asdict(self)
+        out["status"] = NO_WHITE_CELLS if self.no_white_cells else "ok"
+        return out
+
+
+def _tally(
+    key: str,
+    label: str,
+    group: str,
+    count: int,
+    denominator: int,
+    assessable: bool,
+    missing: tuple[str, ...] = (),
+) -> Tally:
+    if not assessable:
+        return Tally(key, label, group, None, None, None, False, missing)
+    if denominator == 0:
+        return Tally(key, label, group, count, None, None, True, missing)
+    low, high = wilson_interval(count, denominator)
+    ci95 = (float(low), float(high))
+    return Tally(key, label, group, count, 100 * count / denominator, ci95, True, missing)
+
+
+def _validated_codes(
+    top_class_codes: ArrayLike, confidences: ArrayLike, card_classes: Sequence[str]
+) -> tuple[NDArray[np.str_], NDArray[np.float64]]:
+    codes = np.asarray(top_class_codes, dtype=str).reshape(-1)
+    conf = np.asarray(confidences, dtype=np.float64).reshape(-1)
+    if codes.shape != conf.shape:
+        raise ValueError(f"{codes.size} class codes but {conf.size} confidences")
+    for code in card_classes:
+        cell_class(code)  # raises on a code outside the 21 MLL classes
+    foreign = np.setdiff1d(np.unique(codes), np.asarray(card_classes, dtype=str))
+    if foreign.size:
+        raise ValueError(f"top classes {', '.join(foreign)} are not among the card's classes")
+    return codes, conf
+
+
+def _blast_flags(blasts: Tally) -> list[str]:
+    if not blasts.assessable:
+        return ["blast percentage not assessable: the classifier card has no BLA class"]
+    percent, ci95 = blasts.percent, blasts.ci95
+    if percent is None:
+        return [f"blast percentage undefined: {NO_WHITE_CELLS}"]
+    if ci95 is None:
+        raise ValueError("a blast percentage without its 95 % interval")
+    crossed = [t for t in BLAST_THRESHOLDS if percent >= t]
+    level = f">= {crossed[-1]:g} %" if crossed else f"< {BLAST_THRESHOLDS[0]:g} %"
+    flags = [f"blasts {percent:.1f} % ({level})"]
+    if crossed and crossed[-1] == BLAST_THRESHOLDS[-1]:
+        flags[0] += ": at or above the WHO threshold for acute leukaemia"
+    straddled = [t for t in BLAST_THRESHOLDS if ci95[0] < t <= ci95[1]]
+    low, high = ci95
+    flags += [f"blast % 95 % CI {low:.1f}-{high:.1f} straddles {t:g} %" for t in straddled]
+    return flags
+
+
+def _me_ratio(groups: dict[str, Tally]) -> tuple[float | None, list[str]]:
+    myeloid = [groups[g] for g in MYELOID_GROUPS]
+    erythroid = [groups[g] for g in ERYTHROID_GROUPS]
+    if not any(t.assessable for t in myeloid) or not any(t.assessable for t in erythroid):
+        lack = "the classifier card lacks the myeloid or the erythroid classes"
+        return None, [f"M:E ratio not assessable: {lack}"]
+    flags = []
+    missing = [c for t in myeloid + erythroid for c in t.missing]
+    if missing:
+        flags.append(f"M:E ratio partial: the classifier card lacks {', '.join(missing)}")
+    m = sum(t.count or 0 for t in myeloid)
+    e = sum(t.count or 0 for t in erythroid)
+    if e == 0:
+        return None, [*flags, "M:E ratio undefined: no erythroid cells counted"]
+    return m / e, flags
+
+
+def differential(
+    top_class_codes: ArrayLike,
+    confidences: ArrayLike,
+    card_classes: Sequence[str],
+    threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
+) -> Differential:
+    """Count a classified cell table into a marrow differential.
+
+    Parameters
+    ----------
+    top_class_codes : array_like of str, shape (N,)
+        MLL code of each cell's top class.
+    confidences : array_like of float, shape (N,)
+        Probability of that top class.
+    card_classes : sequence of str
+        Codes the classifier card recognises.
+    threshold : float
+        Cells with ``confidence < threshold`` are counted as uncertain.
+
+    Returns
+    -------
+    Differential
+
+    Raises
+    ------
+    ValueError
+        Mismatched lengths, a code outside the 21 MLL classes, or a top class the card lacks.
+    """
+    codes, conf = _validated_codes(top_class_codes, confidences, card_classes)
+    known = set(card_classes)
+    confident = conf >= threshold
+    found, found_counts = np.unique(codes[confident], return_counts=True)
+    per_code = dict(zip(found.tolist(), found_counts.tolist(), strict=True))
+    counted = [c for c in CLASSES if c.counted]
+    countable = sum(per_code.get(c.code, 0) for c in counted)
+    total = int(codes.size)
+
+    classes = tuple(
+        _tally(c.code, c.name, c.group, per_code.get(c.code, 0), countable, c.code in known)
+        for c in counted
+    )
+    not_counted = tuple(
+        _tally(c.code, c.name, c.group, per_code.get(c.code, 0), total, c.code in known)
+        for c in CLASSES
+        if not c.counted
+    )
+    groups = {}
+    for group in (g for g in GROUPS if any(c.group == g for c in counted)):
+        members = [c.code for c in counted if c.group == group]
+        missing = tuple(m for m in members if m not in known)
+        count = sum(per_code.get(m, 0) for m in members)
+        groups[group] = _tally(
+            group, group, group, count, countable, len(missing) < len(members), missing
+        )
+
+    warnings = []
+    blasts = groups["blasts"]
+    flags = _blast_flags(blasts)
+    me_ratio, me_flags = _me_ratio(groups)
+    flags += me_flags
+    flags += [
+        f"{g.key} not assessable: the classifier card lacks {', '.join(g.missing)}"
+        for g in groups.values()
+        if not g.assessable and g.key != "blasts"
+    ]
+    flags += [
+        f"{g.key} % is a lower bound: the classifier card lacks {', '.join(g.missing)}"
+        for g in groups.values()
+        if g.assessable and g.missing
+    ]
+    if countable == 0:
+        warnings.append(f"{NO_WHITE_CELLS}: no countable white cell among {total} objects")
+    elif countable < ICSH_MIN_CELLS:
+        warnings.append(
+            f"only {countable} countable cells; ICSH recommends at least {ICSH_MIN_CELLS}"
+        )
+    uncertain = int(total - confident.sum())
+    if uncertain:
+        warnings.append(
+            f"{uncertain} cells under the confidence threshold {threshold:g} counted as uncertain"
+        )
+    return Differential(
+        classes=classes,
+        groups=tuple(groups.values()),
+        not_counted=not_counted,
+        total_cells=total,
+        uncertain=uncertain,
+        countable=countable,
+        threshold=float(threshold),
+        me_ratio=me_ratio,
+        blast_percent=blasts.percent,
+        blast_ci95=blasts.ci95,
+        card_classes=tuple(card_classes),
+        flags=tuple(flags),
+        warnings=tuple(warnings),
+    )

@@ -1,0 +1,64 @@
+"""The parameters of a run, kept light to import so the command line starts fast."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD
+
+SALIENCY_METHODS = ("gradcam", "smoothgrad")
+DEFAULT_CELLS_PER_CLASS = 8  # most confident cells explained per class: one mosaic row
+#: --region choice -> countability classes of wsi_pipeline.image.regions counted in
+REGION_CHOICES = {"monolayer": ("monolayer",), "all": ("sparse", "monolayer", "thick")}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Every parameter of a run; recorded in the store so a rerun can tell what changed.
+
+    Attributes
+    ----------
+    classifier : str
+        Card name or path.
+    mpp : float or None
+        Level-0 microns per pixel given by the user.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    batch_size : int or None
+        Crops per forward pass; None chooses for the device.
+    saliency : tuple of str
+        Saliency methods computed (a subset of :data:`SALIENCY_METHODS`).
+    saliency_cells : int or None
+        Most confident cells explained per class; None explains all.
+    region : str
+        A key of :data:`REGION_CHOICES`.
+    min_confidence : float
+        Cells under this top-class probability are counted as uncertain.
+    tta : int
+        Dihedral test-time transforms averaged (0: none).
+    gzip_geojson : bool
+        Write ``.geojson.gz`` instead of ``.geojson``.
+    """
+
+    classifier: str = "default"
+    mpp: float | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    saliency: tuple[str, ...] = SALIENCY_METHODS
+    saliency_cells: int | None = DEFAULT_CELLS_PER_CLASS
+    region: str = "monolayer"
+    min_confidence: float = DEFAULT_CONFIDENCE_THRESHOLD
+    tta: int = 0
+    gzip_geojson: bool = False
+
+    def __post_init__(self) -> None:
+        if self.region not in REGION_CHOICES:
+            raise ValueError(f"region must be one of {sorted(REGION_CHOICES)}, got {self.region}")
+        unknown = set(self.saliency) - set(SALIENCY_METHODS)
+        if unknown:
+            raise ValueError(f"unknown saliency methods {sorted(unknown)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
+        return {**asdict(self), "saliency": list(self.saliency)}

@@ -1,0 +1,204 @@
+"""The last stage of a slide: stream its classified cells into the store and the GeoJSON,
+explain the most confident cells, count, and publish every output."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from wsi_pipeline.model import explain
+from wsi_pipeline.model.classify import Classifier
+from wsi_pipeline.results.counts import Differential, differential
+from wsi_pipeline.results.geojson import GeoJSONWriter, hex_to_rgb
+from wsi_pipeline.results.report import write_report
+from wsi_pipeline.results.store import ResultWriter
+from wsi_pipeline.run.options import RunOptions
+from wsi_pipeline.run.stages import SlidePlan, TileCells, stage_timer
+from wsi_pipeline.run.tuning import lower_own_priority
+
+__all__ = ["ExplainedCells", "SlideRun", "explain_cells", "output_paths", "write_outputs"]
+
+#: Classified batches queued for writing before the classifier waits (one forward pass each).
+WRITES_AHEAD = 8
+
+
+@dataclass
+class SlideRun:
+    """What one run produced."""
+
+    store: Path
+    geojson: Path
+    report: Path
+    mosaics: Path
+    differential: Differential
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ExplainedCells:
+    """The most confident cells of each class seen so far, with their crops."""
+
+    def __init__(self, per_class: int | None):
+        self.per_class = per_class
+        self.index = np.zeros(0, dtype=np.int64)
+        self.top = np.zeros(0, dtype=np.int16)
+        self.confidence = np.zeros(0, dtype=np.float32)
+        self.crops: NDArray[np.uint8] | None = None
+
+    def add(self, first_index: int, cells: dict[str, NDArray], crops: NDArray[np.uint8]) -> None:
+        index = np.concatenate([self.index, first_index + np.arange(len(crops))])
+        top = np.concatenate([self.top, cells["top_class"]])
+        confidence = np.concatenate([self.confidence, cells["confidence"]])
+        all_crops = crops if self.crops is None else np.concatenate([self.crops, crops])
+        keep = explain.select_cells(top, confidence, self.per_class)
+        self.index, self.top, self.confidence = index[keep], top[keep], confidence[keep]
+        self.crops = all_crops[keep]
+
+
+def explain_cells(
+    classifier: Classifier, chosen: ExplainedCells, methods: tuple[str, ...]
+) -> dict[str, NDArray[np.float32]]:
+    """Raw saliency maps of the chosen cells for each method (first ensemble member)."""
+    if chosen.crops is None or not len(chosen.index) or not methods:
+        return {}
+    model, card = classifier.models[0], classifier.card
+    norm = {"mean": card.model.mean, "std": card.model.std}
+    compute: dict[str, Callable[..., NDArray[np.float32]]] = {
+        "gradcam": explain.gradcam,
+        "smoothgrad": explain.smoothgrad,
+    }
+    return {m: compute[m](model, chosen.crops, chosen.top, **norm) for m in methods}
+
+
+def output_paths(out_dir: Path, stem: str, gzip_geojson: bool) -> dict[str, Path]:
+    """Where a slide's outputs go: ``OUT/<stem>.zarr``, ``.geojson[.gz]``, ``.report.html``."""
+    return {
+        "store": out_dir / f"{stem}.zarr",
+        "geojson": out_dir / f"{stem}.geojson{'.gz' if gzip_geojson else ''}",
+        "report": out_dir / f"{stem}.report.html",
+        "mosaics": out_dir / f"{stem}.mosaics",
+    }
+
+
+def write_outputs(
+    plan: SlidePlan,
+    batches: Iterable[TileCells],
+    classifier: Classifier,
+    options: RunOptions,
+    out_dir: Path,
+) -> SlideRun:
+    """Stream classified batches into the store and the GeoJSON, explain, count, and write
+    every output.
+
+    The store is committed (``status`` complete) only after the GeoJSON and the report exist.
+
+    Parameters
+    ----------
+    plan : SlidePlan
+    batches : iterable of TileCells
+        Classified cells (see :func:`classify_cells`), in any grouping.
+    classifier : Classifier
+        For saliency (its first ensemble member).
+    options : RunOptions
+    out_dir : Path
+
+    Returns
+    -------
+    SlideRun
+    """
+    card = classifier.card
+    timings = dict(plan.timings)
+    stage = stage_timer(timings)
+    paths = output_paths(out_dir, plan.stem, options.gzip_geojson)
+    chosen = ExplainedCells(options.saliency_cells)
+    attrs = plan.attrs
+    colours = {c.code: hex_to_rgb(c.colour) for c in card.classes}
+    with (
+        ResultWriter(out_dir, plan.stem, card.codes, card.model.input_size, attrs) as writer,
+        GeoJSONWriter(
+            paths["geojson"],
+            card.codes,
+            colours,
+            region=plan.region,
+            threshold=options.min_confidence,
+        ) as features,
+        # Compressing chunks and encoding GeoJSON run on a low-priority thread, in order, in the
+        # time the classifier leaves.
+        ThreadPoolExecutor(max_workers=1, initializer=lower_own_priority) as background,
+    ):
+
+        def write(cells: dict[str, NDArray], crops: NDArray[np.uint8]) -> None:
+            writer.append_cells(cells, crops)
+            features.write(cells)
+
+        writing: deque[Future[None]] = deque()
+        counted = 0
+        for batch in batches:
+            for name, seconds in batch.seconds.items():
+                timings[name] = timings.get(name, 0.0) + seconds
+            if not len(batch):
+                continue
+            with stage("write"):
+                cells = {**batch.columns, "id": counted + np.arange(len(batch), dtype=np.int64)}
+                writing.append(background.submit(write, cells, batch.crops))
+                if options.saliency:
+                    chosen.add(counted, cells, batch.crops)
+                counted += len(batch)
+                if len(writing) > WRITES_AHEAD:
+                    writing.popleft().result()
+        with stage("write"):
+            for done in writing:
+                done.result()
+
+        with stage("explain"):
+            maps = explain_cells(classifier, chosen, options.saliency)
+            if maps:
+                writer.append_saliency(chosen.index, maps)
+            mosaics = {
+                m: explain.class_mosaics(chosen.crops, maps[m], chosen.top, card.codes)
+                for m in maps
+                if chosen.crops is not None  # maps is empty without crops
+            }
+
+        with stage("report"):
+            top_class, confidence = writer.read_columns("top_class", "confidence")
+            result = differential(
+                np.asarray(card.codes)[top_class],
+                confidence,
+                card.codes,
+                threshold=options.min_confidence,
+            )
+            writer.write_counts(result)
+            _write_mosaics(writer, paths["mosaics"], mosaics)
+            features.commit()
+            write_report(
+                paths["report"],
+                result,
+                slide=attrs["slide"],
+                classifier={"name": card.name, "caveat": card.caveat},
+                parameters=attrs["parameters"],
+                timings=timings,
+                thumbnail=plan.thumbnail,
+                thumbnail_scale=plan.thumbnail_scale,
+                region=plan.region,
+                mosaics=mosaics,
+            )
+        store = writer.commit(timings)
+    return SlideRun(store, paths["geojson"], paths["report"], paths["mosaics"], result, timings)
+
+
+def _write_mosaics(
+    writer: ResultWriter, folder: Path, mosaics: dict[str, dict[str, NDArray[np.uint8]]]
+) -> None:
+    """Mosaics into the store (``mosaics/<method>/<class>``) and as PNG files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for method, by_class in mosaics.items():
+        for code, image in by_class.items():
+            writer.write_mosaic(f"{method}/{code}", image)
+            Image.fromarray(image).save(folder / f"{method}-{code}.png")

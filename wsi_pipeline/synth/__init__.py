@@ -1,0 +1,1 @@
+"""Synthetic bone-marrow aspirate slides with ground truth, for tests, demos and benchmarks."""
