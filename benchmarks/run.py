@@ -7,7 +7,7 @@ seed, then measures, each phase in its own subprocess so its peak RSS is its own
   :meth:`wsi_pipeline.image.slide.Slide.read_region` at the classifier's resolution and at level 0,
   tifffile decoding the level-0 JPEG tiles of the same regions, and OpenSlide ``read_region``
   of the same regions;
-* ``detect``: :func:`wsi_pipeline.run.local.detect_tiles` over every planned tile (read, detect,
+* ``detect``: :func:`wsi_pipeline.run.stages.detect_tiles` over every planned tile (read, detect,
   crop), beside plain reading of the same tiles, so the detection share is known;
 * ``classify``: ``Classifier.predict_proba`` on real cell crops, a bare ``model(batch)`` loop
   over the same preprocessed tensors, and TIAToolbox's ``PatchPredictor`` (patch mode) wrapping

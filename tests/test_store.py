@@ -42,6 +42,7 @@ def cell_batch(n: int, start: int) -> dict[str, np.ndarray]:
         "probabilities": probabilities,
         "top_class": probabilities.argmax(1).astype(np.int16),
         "confidence": probabilities.max(1),
+        "agreement": np.ones(n, np.float32),
     }
 
 

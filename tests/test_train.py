@@ -10,7 +10,11 @@ import torch
 from PIL import Image
 
 from wsi_pipeline.core.errors import InputError
-from wsi_pipeline.learn.train import TrainConfig, augment, lr_at, train_classifier
+from wsi_pipeline.learn.augment import augment
+from wsi_pipeline.learn.calibrate import ensemble_probabilities
+from wsi_pipeline.learn.datasets import load_crops
+from wsi_pipeline.learn.evaluate import evaluate_folder
+from wsi_pipeline.learn.train import TrainConfig, lr_at, member_logits, train_classifier
 from wsi_pipeline.model.cards import load_card, save_weights, write_card
 from wsi_pipeline.model.classify import Classifier
 
@@ -108,3 +112,112 @@ def test_augmentation_keeps_shape_and_range():
     out = augment(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, x)
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """Two labelled folders at different pixel sizes: the second's images are twice as large
+    (half the microns per pixel) and hold LYT and NGS too."""
+    root = tmp_path_factory.mktemp("sources")
+    rng = np.random.default_rng(1)
+    for name, zoom in (("lab-a", 1), ("lab-b", 2)):
+        for code, colour in (("LYT", (90, 40, 140)), ("NGS", (200, 120, 160))):
+            (root / name / code).mkdir(parents=True)
+            for i in range(20):
+                image = Image.fromarray(_disc_image(rng, colour)).resize((48 * zoom, 48 * zoom))
+                image.save(root / name / code / f"{name}-{i}.png")
+    return root / "lab-a", root / "lab-b"
+
+
+def test_several_folders_each_at_its_own_pixel_size(two_sources, card_path, tmp_path):
+    config = dataclasses.replace(CONFIG, epochs=1, image_mpp=(0.5, 0.25), test_fraction=0.4)
+    out = tmp_path / "two" / "tiny.toml"
+    result = train_classifier(two_sources, card_path, out, config, workdir=tmp_path / "w", log=str)
+    provenance = load_card(out).provenance
+    assert provenance["training"]["folders"] == [str(f) for f in two_sources]
+    by_source = provenance["test_confusion_by_source"]
+    assert set(by_source) == {"lab-a", "lab-b"}
+    tested = sum(sum(row.values()) for rows in by_source.values() for row in rows.values())
+    assert tested == result.test_scores["n"]
+
+
+def test_fine_tuning_starts_from_the_parent_card(folder, card_path, tmp_path):
+    parent = train_classifier(
+        folder, card_path, tmp_path / "p" / "tiny.toml", CONFIG, workdir=tmp_path / "wp", log=str
+    )
+    # One step at a negligible rate: the child is its parent (batch-norm statistics aside),
+    # while a card trained from scratch on the same budget is no better than chance.
+    config = dataclasses.replace(CONFIG, epochs=1, max_steps=1, lr=1e-9, init=str(parent.card.path))
+    child = train_classifier(
+        folder, card_path, tmp_path / "c" / "tiny.toml", config, workdir=tmp_path / "wc", log=str
+    )
+    scratch = train_classifier(
+        folder,
+        card_path,
+        tmp_path / "s" / "tiny.toml",
+        dataclasses.replace(config, init=None),
+        workdir=tmp_path / "ws",
+        log=str,
+    )
+    recorded = load_card(child.card.path).provenance["training"]["parent"]
+    assert recorded["weights_sha256"] == [w.sha256 for w in parent.card.weights]
+    assert recorded["layers_restarted"] == []
+    accuracy = {
+        name: result.test_scores["accuracy"]
+        for name, result in (("parent", parent), ("child", child), ("scratch", scratch))
+    }
+    assert accuracy["child"] >= accuracy["parent"] - 0.05, accuracy
+    assert accuracy["child"] > accuracy["scratch"] + 0.1, accuracy
+
+
+def test_the_trained_card_is_calibrated_on_the_validation_split(folder, card_path, tmp_path):
+    config = dataclasses.replace(CONFIG, epochs=2)
+    result = train_classifier(
+        folder, card_path, tmp_path / "t.toml", config, workdir=tmp_path / "w", log=str
+    )
+    card = load_card(result.card.path)
+    calibration = card.provenance["calibration"]
+    assert card.model.temperature == calibration["temperature"] > 0
+    assert calibration["val_ece_after"] <= calibration["val_ece_before"] + 1e-3
+    crops = np.random.default_rng(3).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    logits = member_logits(Classifier(card, device="cpu"), crops)
+    np.testing.assert_allclose(  # the classifier divides the logits by the card's temperature
+        Classifier(card, device="cpu").predict_proba(crops),
+        ensemble_probabilities(logits, card.model.temperature),
+        atol=1e-5,
+    )
+
+
+def test_an_image_smaller_than_the_field_of_view_is_padded_not_stretched(tmp_path):
+    image = np.full((20, 20, 3), 230, np.uint8)
+    image[5:15, 5:15] = (90, 40, 140)  # a 10-px cell
+    Image.fromarray(image).save(tmp_path / "small.png")
+    crop = load_crops([tmp_path / "small.png"], 40, fov_um=40.0, source_mpp=1.0)[0]
+    cell = (crop == (90, 40, 140)).all(axis=2)
+    assert 8 <= cell.sum(axis=1).max() <= 11  # still about 10 px wide, not 20
+    assert tuple(crop[0, 0]) == (230, 230, 230)  # padded with the background
+
+
+def test_evaluate_reports_calibration_uncertainty_and_where_unknown_classes_go(
+    folder, card_path, tmp_path
+):
+    trained = train_classifier(
+        folder, card_path, tmp_path / "e" / "tiny.toml", CONFIG, workdir=tmp_path / "w", log=str
+    )
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for code in ("LYT", "NGS"):
+        (mixed / code).symlink_to(folder / code)
+    (mixed / "BLA").mkdir(parents=True)  # a class the card lacks
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        Image.fromarray(_disc_image(rng, (60, 60, 200))).save(mixed / "BLA" / f"{i}.png")
+    result = evaluate_folder(mixed, [str(trained.card.path)], out_dir=tmp_path / "out")
+    report = result["reports"]["tiny"]
+    assert report["n"] == 80 and report["n_unrecognised"] == 6
+    assert sum(report["unrecognised_called"].values()) == 6
+    assert 0 <= report["ece"] <= 1 and 0 <= report["uncertain_share"] <= 1
+    assert "| expected calibration error |" in result["comparison"]
+    rows = (tmp_path / "out" / "tiny.predictions.csv").read_text().splitlines()
+    assert rows[0] == "image,true,predicted,confidence,agreement,uncertain"
+    assert len(rows) == 1 + 86

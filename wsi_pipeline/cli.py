@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ from wsi_pipeline.run.cluster import DEFAULT_WORKFLOW
 from wsi_pipeline.run.options import (
     DEFAULT_CELLS_PER_CLASS,
     DEFAULT_CONFIDENCE_THRESHOLD,
+    DEFAULT_MIN_AGREEMENT,
     REGION_CHOICES,
     SALIENCY_METHODS,
     RunOptions,
@@ -90,28 +93,46 @@ def _deprecated_mpp(ctx: click.Context, param: click.Parameter, value: float | N
     """``--mpp`` of ``wsi train``/``wsi evaluate``: the old spelling of ``--image-mpp``."""
     if value is not None:
         click.echo("warning: --mpp here is deprecated; use --image-mpp", err=True)
-        ctx.params["image_mpp"] = ctx.params.get("image_mpp") or value
+        given = ctx.params.get("image_mpp")
+        if not given:
+            ctx.params["image_mpp"] = (value,) if isinstance(given, tuple) else value
 
 
-def _image_mpp_option(command):
-    """``--image-mpp`` (the pixel size of a folder's images), with ``--mpp`` kept for one
-    release as a deprecated, hidden alias."""
-    command = click.option(
-        "--mpp",
-        type=float,
-        default=None,
-        hidden=True,
-        expose_value=False,
-        callback=_deprecated_mpp,
-        help="Deprecated spelling of --image-mpp.",
-    )(command)
-    return click.option(
-        "--image-mpp",
-        type=float,
-        default=None,
-        is_eager=True,
-        help="Microns per pixel of the images (omit for crops exported by the pipeline).",
-    )(command)
+def _positive_mpp(ctx: click.Context, param: click.Parameter, value):
+    values = value if isinstance(value, tuple) else (value,)
+    for mpp in values:
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            raise click.BadParameter(f"must be a positive number of microns, got {mpp}")
+    return value
+
+
+def _image_mpp_option(multiple: bool = False) -> Callable[[Callable], Callable]:
+    """``--image-mpp`` (the pixel size of a folder's images; with ``multiple``, once per folder
+    or once for all), with ``--mpp`` kept for one release as a deprecated, hidden alias."""
+
+    def decorate(command: Callable) -> Callable:
+        command = click.option(
+            "--mpp",
+            type=float,
+            default=None,
+            hidden=True,
+            expose_value=False,
+            callback=_deprecated_mpp,
+            help="Deprecated spelling of --image-mpp.",
+        )(command)
+        each = " Give it once for every folder, in order, or once for all." if multiple else ""
+        return click.option(
+            "--image-mpp",
+            type=float,
+            multiple=multiple,
+            default=None,
+            is_eager=True,
+            callback=_positive_mpp,
+            help="Microns per pixel of the images (omit for crops exported by the pipeline)."
+            + each,
+        )(command)
+
+    return decorate
 
 
 @wsi.command()
@@ -171,6 +192,14 @@ def _image_mpp_option(command):
     default=DEFAULT_CONFIDENCE_THRESHOLD,
     show_default=True,
     help="Cells below this top-class probability are counted as uncertain, not assigned.",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=DEFAULT_MIN_AGREEMENT,
+    show_default=True,
+    help="Cells whose top class fewer than this share of the ensemble's snapshots share are "
+    "counted as uncertain.",
 )
 @click.option(
     "--tta",
@@ -296,7 +325,9 @@ def inspect(store: Path, as_json: bool) -> None:
 
 
 @wsi.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
 @click.option("--card", required=True, help="Template card (name or .toml): model and classes.")
 @click.option(
     "--out",
@@ -314,7 +345,12 @@ def inspect(store: Path, as_json: bool) -> None:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak AdamW rate.")
-@_image_mpp_option
+@_image_mpp_option(multiple=True)
+@click.option(
+    "--init",
+    default=None,
+    help="Start from this trained card's weights (name or .toml): fine-tuning.",
+)
 @_device_option("Where training runs; auto uses a GPU when present.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -345,12 +381,18 @@ def inspect(store: Path, as_json: bool) -> None:
     help="Folder of the resumable checkpoint.",
 )
 def train(
-    data: Path, card: str, out: Path, workdir: str | None, image_mpp: float | None, **config
+    data: tuple[Path, ...],
+    card: str,
+    out: Path,
+    workdir: str | None,
+    image_mpp: tuple[float, ...],
+    **config,
 ) -> None:
-    """Train a classifier card on DATA, a folder of labelled crops (one folder per MLL code)."""
+    """Train a classifier card on DATA..., folders of labelled cell images (one subfolder per
+    MLL code), each at its own pixel size (--image-mpp)."""
     from wsi_pipeline.learn.train import TrainConfig, train_classifier
 
-    train_config = TrainConfig(source_mpp=image_mpp, **config)
+    train_config = TrainConfig(image_mpp=image_mpp or None, **config)
     result = train_classifier(data, card, out, train_config, workdir=workdir)
     click.echo(f"wrote {result.card.path}")
 
@@ -365,7 +407,7 @@ def train(
     show_default=True,
     help="Card name or path; repeat to compare cards.",
 )
-@_image_mpp_option
+@_image_mpp_option()
 @click.option(
     "--subset",
     type=click.Choice(["train", "val", "test"]),

@@ -123,8 +123,18 @@ CELL_FIELDS: tuple[CellField, ...] = (
         (),
         "",
         "classify",
-        "Probability of the top class.",
+        "Probability of the top class (calibrated when the card is).",
         measurement="Confidence",
+    ),
+    CellField(
+        "agreement",
+        "float32",
+        (),
+        "",
+        "classify",
+        "Share of the ensemble's members whose own top class is the top class (1: all agree).",
+        measurement="Snapshot agreement",
+        decimals=3,
     ),
 )
 
@@ -132,7 +142,7 @@ _BY_NAME = {f.name: f for f in CELL_FIELDS}
 
 #: The fields exported as QuPath measurements, in the order they are written.
 MEASURED_FIELDS: tuple[CellField, ...] = tuple(
-    _BY_NAME[name] for name in ("confidence", "area_um2", "probabilities")
+    _BY_NAME[name] for name in ("confidence", "agreement", "area_um2", "probabilities")
 )
 
 

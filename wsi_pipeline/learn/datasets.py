@@ -129,12 +129,23 @@ def _read_rgb(path: Path) -> NDArray[np.uint8]:
         raise InputError(path, f"cannot read image ({error})") from error
 
 
-def _centre_crop_resized(
-    image: NDArray[np.uint8], crop_px: int | None, size: int
-) -> NDArray[np.uint8]:
-    """Centre square of ``crop_px`` (whole image when None or larger), resized to ``size``."""
+def _field_of_view(image: NDArray[np.uint8], crop_px: int | None, size: int) -> NDArray[np.uint8]:
+    """The centred square of ``crop_px`` pixels (the whole image's shorter side when None),
+    resized to ``size``.
+
+    An image smaller than ``crop_px`` is padded to it with the median colour of its border (its
+    background), never stretched: a cell keeps its physical size whatever the image's extent.
+    """
     h, w = image.shape[:2]
-    side = min(h, w) if crop_px is None else min(crop_px, h, w)
+    side = min(h, w) if crop_px is None else crop_px
+    if side > min(h, w):
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        background = np.median(border, axis=0).round().astype(np.uint8)
+        canvas = np.empty((max(side, h), max(side, w), 3), np.uint8)
+        canvas[:] = background
+        top, left = (canvas.shape[0] - h) // 2, (canvas.shape[1] - w) // 2
+        canvas[top : top + h, left : left + w] = image
+        image, (h, w) = canvas, canvas.shape[:2]
     top, left = (h - side) // 2, (w - side) // 2
     square = Image.fromarray(image[top : top + side, left : left + side])
     return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
@@ -154,7 +165,8 @@ def load_crops(
         Physical field of view of a crop (the card's ``fov_um``).
     source_mpp : float or None
         Microns per pixel of the images. None means the images already are crops of that
-        field of view (as the pipeline exports them) and are only resized.
+        field of view (as the pipeline exports them) and are only resized. Images smaller
+        than the field of view are padded with their background colour, never stretched.
 
     Returns
     -------
@@ -163,7 +175,7 @@ def load_crops(
     crop_px = None if source_mpp is None else round(fov_um / source_mpp)
     out = np.empty((len(paths), size, size, 3), np.uint8)
     for i, path in enumerate(paths):
-        out[i] = _centre_crop_resized(_read_rgb(path), crop_px, size)
+        out[i] = _field_of_view(_read_rgb(path), crop_px, size)
     return out
 
 

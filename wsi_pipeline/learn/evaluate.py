@@ -21,8 +21,10 @@ from numpy.typing import ArrayLike, NDArray
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import atomic_path
 from wsi_pipeline.core.taxonomy import TOLERATED_CONFUSIONS
+from wsi_pipeline.learn.calibrate import expected_calibration_error
 from wsi_pipeline.learn.datasets import load_crops, scan_labelled_folder, split_of
 from wsi_pipeline.model.cards import ClassifierCard, load_card
+from wsi_pipeline.results.counts import certain
 
 __all__ = [
     "classification_report",
@@ -184,6 +186,14 @@ def comparison_table(reports: dict[str, dict[str, Any]]) -> str:
         ("tolerant balanced accuracy", lambda r: r["tolerant"]["balanced_accuracy"]),
     ):
         rows.append(f"| {label} | " + " | ".join(f"{get(reports[n]):.3f}" for n in names) + " |")
+    for label, key in (
+        ("expected calibration error", "ece"),
+        ("uncertain share", "uncertain_share"),
+    ):
+        values = [reports[n].get(key) for n in names]
+        rows.append(
+            f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in values) + " |"
+        )
     header = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
     return "\n".join([header, *rows])
 
@@ -212,7 +222,9 @@ def evaluate_folder(
         Score only that part of each card's own split (the fractions recorded in its card at
         training), e.g. "test" for its held-out report. Default: every image.
     out_dir : path, optional
-        Where ``<card>.confusion.csv`` and ``<card>.confusion.png`` are written.
+        Where ``<card>.confusion.csv``, ``<card>.confusion.png`` and ``<card>.predictions.csv``
+        (one row per image: true and predicted class, confidence, snapshot agreement, whether
+        it counts as uncertain) are written.
     device, batch_size, tta
         As for :class:`wsi_pipeline.model.classify.Classifier`.
 
@@ -220,9 +232,13 @@ def evaluate_folder(
     -------
     dict
         JSON-able: ``folder``, ``subset``, ``reports`` (card name to
-        :func:`classification_report` plus ``n_unrecognised``, images whose class the card has
-        no output for, left out of its scores; a name already used by an earlier card gets
-        ``-2``, ``-3``, ...), ``comparison`` (Markdown table) and ``files``.
+        :func:`classification_report` plus ``ece``, the expected calibration error;
+        ``uncertain_share``, the share of scored images the differential would count as
+        uncertain, and ``certain_accuracy``, the accuracy of the others; ``n_unrecognised``,
+        images whose class the card has no output for, left out of its scores, with
+        ``unrecognised_uncertain_share`` and ``unrecognised_called``, where they went; a name
+        already used by an earlier card gets ``-2``, ``-3``, ...), ``comparison`` (Markdown
+        table) and ``files``.
     """
     from wsi_pipeline.model.classify import get_classifier
 
@@ -236,20 +252,51 @@ def evaluate_folder(
         label = _unique_label(card.name, reports)
         classifier = get_classifier(card.path, device, batch_size)
         chosen = [i for i in items if subset is None or _subset_of(i.group, card) == subset]
-        known = [i for i in chosen if i.label in card.codes]
-        if not known:
+        known = np.array([i.label in card.codes for i in chosen], dtype=bool)
+        if not known.any():
             raise InputError(folder, f"no images of the classes of card {card.name!r}")
-        crops = load_crops([i.path for i in known], card.model.input_size, card.model.fov_um, mpp)
-        predicted = classifier.predict_proba(crops, tta).argmax(1)
-        truth = [card.codes.index(i.label) for i in known]
-        report = classification_report(truth, predicted, card.codes)
-        report["n_unrecognised"] = len(chosen) - len(known)
+        crops = load_crops([i.path for i in chosen], card.model.input_size, card.model.fov_um, mpp)
+        prediction = classifier.predict(crops, tta)
+        predicted = prediction.probabilities.argmax(1)
+        sure = certain(prediction.probabilities.max(1), prediction.agreement)
+        truth = np.array(
+            [card.codes.index(i.label) if k else -1 for i, k in zip(chosen, known, strict=True)]
+        )
+        report = classification_report(truth[known], predicted[known], card.codes)
+        report["ece"] = round(
+            expected_calibration_error(prediction.probabilities[known], truth[known]), 4
+        )
+        report["uncertain_share"] = round(float(1 - sure[known].mean()), 4)
+        right = predicted[known] == truth[known]
+        report["certain_accuracy"] = (
+            round(float(right[sure[known]].mean()), 4) if sure[known].any() else None
+        )
+        report["n_unrecognised"] = int((~known).sum())
+        if (~known).any():
+            report["unrecognised_uncertain_share"] = round(float(1 - sure[~known].mean()), 4)
+            called = [
+                card.codes[p] if s else "uncertain"
+                for p, s in zip(predicted[~known], sure[~known], strict=True)
+            ]
+            report["unrecognised_called"] = {c: called.count(c) for c in sorted(set(called))}
         reports[label] = report
         if out_dir is not None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             files.append(str(write_confusion_csv(report, out / f"{label}.confusion.csv")))
             files.append(str(write_confusion_png(report, out / f"{label}.confusion.png")))
+            rows = [
+                (str(i.path), i.label, card.codes[p], f"{c:.4f}", f"{a:.3f}", int(not s))
+                for i, p, c, a, s in zip(
+                    chosen,
+                    predicted,
+                    prediction.probabilities.max(1),
+                    prediction.agreement,
+                    sure,
+                    strict=True,
+                )
+            ]
+            files.append(str(_write_predictions(rows, out / f"{label}.predictions.csv")))
     return {
         "folder": str(folder),
         "subset": subset or "all",
@@ -257,6 +304,14 @@ def evaluate_folder(
         "comparison": comparison_table(reports),
         "files": files,
     }
+
+
+def _write_predictions(rows: Sequence[tuple], path: Path) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(("image", "true", "predicted", "confidence", "agreement", "uncertain"))
+        writer.writerows(rows)
+    return path
 
 
 def _unique_label(name: str, taken: Mapping[str, Any]) -> str:

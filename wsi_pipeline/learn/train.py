@@ -1,12 +1,17 @@
-"""Train a classifier card on a folder of labelled cell images (``wsi train``).
+"""Train a classifier card on folders of labelled cell images (``wsi train``).
 
-The images are cut once to the card's field of view and input size and kept in memory (and in a
-``.npy`` cache), so an epoch costs only the network. Training samples classes evenly, augments
-each batch on the fly (HematoNet-style: any rotation, flips, small translations and zoom, stain
-and colour jitter), optimises with AdamW under a cosine schedule with warm-up (mixed precision on
-a GPU), and writes a resumable checkpoint after every epoch. In snapshot-ensemble mode (DeepHeme)
-the cosine schedule restarts ``snapshots`` times and the weights at the end of each cycle are
-kept; the card lists every snapshot and inference averages them.
+The images of every folder are cut once to the card's field of view and input size, at that
+folder's own pixel size, and kept in memory (and in a ``.npy`` cache), so an epoch costs only
+the network. Training samples classes evenly, redraws each batch as another lab would have made
+it (:mod:`wsi_pipeline.learn.augment`), optimises with AdamW under a cosine schedule with
+warm-up (mixed precision on a GPU), and writes a resumable checkpoint after every epoch. In
+snapshot-ensemble mode (DeepHeme) the cosine schedule restarts ``snapshots`` times and the
+weights at the end of each cycle are kept; the card lists every snapshot and inference averages
+them. Training starts from scratch or from a trained card's weights (``init``: fine-tuning).
+
+With several folders (sources), the test split's confusion of the classes two sources share is
+written into the card per source: a model that learnt a source's look instead of its cells calls
+one source's neutrophils blasts.
 
 The split is fixed per patient (or per image when patients are unknown) by
 :func:`wsi_pipeline.learn.datasets.split_of`; the held-out test split's scores go into the card.
@@ -19,7 +24,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,26 +36,40 @@ from numpy.typing import NDArray
 
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import atomic_path
+from wsi_pipeline.learn.augment import AugmentConfig, augment
+from wsi_pipeline.learn.calibrate import (
+    ensemble_probabilities,
+    expected_calibration_error,
+    fit_temperature,
+)
 from wsi_pipeline.learn.datasets import load_crops_cached, scan_labelled_folder, split_of
 from wsi_pipeline.model.cards import (
     ClassifierCard,
     WeightsFile,
     build_model,
-    load_card,
+    load_state_dicts,
+    resolve_card,
     save_weights,
     write_card,
 )
-from wsi_pipeline.model.classify import resolve_device, to_unit_tensor
+from wsi_pipeline.model.classify import Classifier, resolve_device, to_unit_tensor
 
 __all__ = [
     "LabelledCrops",
     "TrainConfig",
     "TrainResult",
     "augment",
+    "calibrate_card",
     "fit",
+    "member_logits",
+    "source_confusion",
     "lr_at",
     "train_classifier",
 ]
+
+
+#: The augmentation of every training batch (recorded in the card).
+AUGMENT = AugmentConfig()
 
 
 @dataclass(frozen=True)
@@ -72,9 +91,12 @@ class TrainConfig:
     label_smoothing : float
     val_fraction, test_fraction : float
         Shares of patients (or images) held out, see :func:`~wsi_pipeline.learn.datasets.split_of`.
-    source_mpp : float or None
-        Microns per pixel of the images; None when they already are crops of the card's field
-        of view (as the pipeline exports them).
+    image_mpp : float, tuple of float or None
+        Microns per pixel of the images: one value for every folder, or one per folder; None
+        when they already are crops of the card's field of view (as the pipeline exports them).
+    init : str or None
+        A trained card (name or path) whose first weights file the network starts from
+        (fine-tuning); layers whose shape differs (another class list) start fresh.
     seed : int
     device : str
         "auto" (CUDA when present), "cpu" or "cuda".
@@ -95,7 +117,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    source_mpp: float | None = None
+    image_mpp: float | tuple[float, ...] | None = None
+    init: str | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -125,10 +148,12 @@ class TrainResult:
 
 @dataclass
 class LabelledCrops:
-    """Crops at a card's input size and their class indices (into the card's codes)."""
+    """Crops at a card's input size, their class indices (into the card's codes) and the index
+    of the folder (source) each came from."""
 
     crops: NDArray[np.uint8]
     labels: NDArray[np.int64]
+    sources: NDArray[np.int16] = field(default_factory=lambda: np.zeros(0, np.int16))
 
 
 def lr_at(step: int, total: int, cycles: int, warmup: int) -> float:
@@ -152,65 +177,52 @@ def lr_at(step: int, total: int, cycles: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * position))
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random geometric and colour augmentation of a batch of RGB images in [0, 1].
-
-    Each image gets a uniform random rotation, a mirror flip with probability 1/2, a
-    translation of up to 6 % and a zoom in [0.9, 1.1] (one affine resampling, reflected
-    borders), then brightness, contrast and saturation jitter and per-channel gains (stain
-    intensity and hue differences between labs and scanners).
-    """
-    n = x.shape[0]
-
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return torch.rand(n, *shape, generator=generator, device=x.device) * (high - low) + low
-
-    angle = uniform(0.0, 2 * math.pi)
-    scale = 1.0 / uniform(0.9, 1.1)
-    flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    shift = uniform(-0.12, 0.12, 2)  # grid units span [-1, 1]: 0.12 is 6 % of the side
-    theta = torch.stack(
-        [
-            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-            torch.stack([sin * flip, cos, shift[:, 1]], 1),
-        ],
-        1,
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-    grey = x.mean(1, keepdim=True)
-    saturation = uniform(0.8, 1.2, 1, 1, 1)
-    x = grey + (x - grey) * saturation
-    mean = x.mean((1, 2, 3), keepdim=True)
-    x = mean + (x - mean) * uniform(0.85, 1.15, 1, 1, 1)
-    x = x * uniform(0.9, 1.1, 1, 1, 1) * uniform(0.95, 1.05, 3, 1, 1)
-    return x.clamp_(0.0, 1.0)
-
-
 def _normalise(x: torch.Tensor, card: ClassifierCard) -> torch.Tensor:
     mean = x.new_tensor(card.model.mean).view(1, 3, 1, 1)
     std = x.new_tensor(card.model.std).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def _load_splits(data: Path, card: ClassifierCard, config: TrainConfig) -> dict[str, LabelledCrops]:
-    items = scan_labelled_folder(data, card.codes)
+def _folder_mpps(folders: list[Path], image_mpp: float | tuple[float, ...] | None) -> list:
+    """One pixel size (or None) per folder."""
+    if image_mpp is None or isinstance(image_mpp, float | int):
+        return [image_mpp] * len(folders)
+    if len(image_mpp) == 1:
+        return list(image_mpp) * len(folders)
+    if len(image_mpp) != len(folders):
+        raise InputError(
+            folders[0], f"{len(image_mpp)} pixel sizes given for {len(folders)} image folders"
+        )
+    return list(image_mpp)
+
+
+def _load_splits(
+    folders: list[Path], card: ClassifierCard, config: TrainConfig
+) -> dict[str, LabelledCrops]:
     index = {code: i for i, code in enumerate(card.codes)}
-    crops = load_crops_cached(
-        [item.path for item in items],
-        card.model.input_size,
-        card.model.fov_um,
-        config.source_mpp,
-        config.cache_dir,
-    )
-    subsets = np.array(
-        [split_of(i.group, config.val_fraction, config.test_fraction) for i in items]
-    )
-    labels = np.array([index[item.label] for item in items], dtype=np.int64)
+    crops, labels, sources, subsets = [], [], [], []
+    for k, (folder, mpp) in enumerate(
+        zip(folders, _folder_mpps(folders, config.image_mpp), strict=True)
+    ):
+        items = scan_labelled_folder(folder, card.codes)
+        crops.append(
+            load_crops_cached(
+                [item.path for item in items],
+                card.model.input_size,
+                card.model.fov_um,
+                mpp,
+                config.cache_dir,
+            )
+        )
+        labels += [index[item.label] for item in items]
+        sources += [k] * len(items)
+        subsets += [split_of(i.group, config.val_fraction, config.test_fraction) for i in items]
+    all_crops = np.concatenate(crops)
+    all_labels = np.array(labels, dtype=np.int64)
+    all_sources = np.array(sources, dtype=np.int16)
+    subset = np.array(subsets)
     return {
-        s: LabelledCrops(crops[subsets == s], labels[subsets == s])
+        s: LabelledCrops(all_crops[subset == s], all_labels[subset == s], all_sources[subset == s])
         for s in ("train", "val", "test")
     }
 
@@ -245,7 +257,7 @@ def _accuracy(
 
 
 def train_classifier(
-    data: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     card: str | os.PathLike[str] | ClassifierCard,
     out: str | os.PathLike[str],
     config: TrainConfig = TrainConfig(),
@@ -256,11 +268,13 @@ def train_classifier(
 
     Parameters
     ----------
-    data : path
-        Labelled folder (MLL layout, see :mod:`wsi_pipeline.learn.datasets`).
+    data : path or sequence of paths
+        Labelled folders (MLL layout, see :mod:`wsi_pipeline.learn.datasets`), each at the
+        pixel size ``config.image_mpp`` gives it.
     card : name, path or ClassifierCard
         Template card: architecture, input size, field of view, classes (in output order),
-        provenance text. Its weights, if any, are ignored (training starts from scratch).
+        provenance text. Its weights, if any, are ignored (training starts from scratch, or from
+        ``config.init``).
     out : path
         Card file to write (``NAME.toml``); the weights go beside it as
         ``NAME.safetensors`` or ``NAME.snapshotK.safetensors``.
@@ -275,7 +289,8 @@ def train_classifier(
     -------
     TrainResult
     """
-    template = card if isinstance(card, ClassifierCard) else load_card(card)
+    template = resolve_card(card)
+    folders = [Path(data)] if isinstance(data, str | os.PathLike) else [Path(d) for d in data]
     out = Path(out)
     workdir = Path(workdir or Path(tempfile.gettempdir()) / f"wsi-train-{out.stem}")
     device = resolve_device(config.device)
@@ -283,11 +298,11 @@ def train_classifier(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    splits = _load_splits(Path(data), template, config)
+    splits = _load_splits(folders, template, config)
     train = splits["train"]
     if len(np.unique(train.labels)) < len(template.codes):
         missing = sorted(set(template.codes) - {template.codes[i] for i in np.unique(train.labels)})
-        raise InputError(data, f"training split has no images of {', '.join(missing)}")
+        raise InputError(folders[0], f"training split has no images of {', '.join(missing)}")
     mean, std = _channel_stats(train.crops)
     template = dataclasses.replace(
         template, model=dataclasses.replace(template.model, mean=tuple(mean), std=tuple(std))
@@ -297,11 +312,29 @@ def train_classifier(
         f"{len(splits['test'].labels)} test images on {device}"
     )
 
-    model = build_model(template).to(device)
+    model = build_model(template)
+    parent = _start_from(model, config.init) if config.init else None
+    model = model.to(device)
     # torch accepts memory_format= in Module.to; its stubs list no overload with it.
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     snapshots, history = fit(model, template, train, splits["val"], config, workdir, log)
-    return _export(template, snapshots, model, splits["test"], out, config, history, device)
+    sources = {"sources": [str(f) for f in folders], "parent": parent}
+    return _export(template, snapshots, model, splits, out, config, history, device, sources)
+
+
+def _start_from(model: torch.nn.Module, init: str) -> dict[str, Any]:
+    """Load a trained card's first weights into ``model`` where shapes agree; its identity."""
+    parent = resolve_card(init)
+    own = model.state_dict()
+    state = load_state_dicts(parent)[0]
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(kept, strict=False)
+    return {
+        "name": parent.name,
+        "path": str(parent.path),
+        "weights_sha256": [w.sha256 for w in parent.weights],
+        "layers_restarted": sorted(set(own) - set(kept)),
+    }
 
 
 def fit(
@@ -369,7 +402,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * factor
             x = to_unit_tensor(train.crops[batch.numpy()], device)
-            x = _normalise(augment(x, generator), card).contiguous(
+            x = _normalise(augment(x, generator, AUGMENT), card).contiguous(
                 memory_format=torch.channels_last
             )
             y = torch.as_tensor(train.labels[batch.numpy()], device=device)
@@ -427,15 +460,15 @@ def _export(
     card: ClassifierCard,
     snapshots: list[dict[str, torch.Tensor]],
     model: torch.nn.Module,
-    test: LabelledCrops,
+    splits: dict[str, LabelledCrops],
     out: Path,
     config: TrainConfig,
     history: list[dict[str, float]],
     device: torch.device,
+    data: dict[str, Any],
 ) -> TrainResult:
-    """Write the weights and the card, scored on the test split."""
+    """Write the weights and the card, scored on the test split (per source too)."""
     from wsi_pipeline.learn.evaluate import classification_report
-    from wsi_pipeline.model.classify import Classifier
 
     names = (
         [f"{out.stem}.safetensors"]
@@ -447,21 +480,30 @@ def _export(
         model.load_state_dict(state)
         weights.append(save_weights(model, out.parent / name))
     trained = dataclasses.replace(card, name=out.stem, path=out, weights=tuple(weights))
+    trained, calibration = calibrate_card(trained, splits["val"], str(device))
 
+    test = splits["test"]
     scores: dict[str, Any] = {}
+    by_source: dict[str, Any] = {}
     if len(test.labels):
         classifier = Classifier(trained, device=str(device))
         predicted = classifier.predict_proba(test.crops).argmax(1)
         scores = classification_report(test.labels, predicted, trained.codes)
+        by_source = source_confusion(test, predicted, trained.codes, data["sources"])
     provenance = {
         **card.provenance,
         "training": {
             **{k: v for k, v in dataclasses.asdict(config).items() if v is not None},
+            "folders": data["sources"],
+            **({"parent": data["parent"]} if data["parent"] else {}),
+            "augmentation": AUGMENT.as_dict(),
             "n_train_steps": history[-1]["step"] if history else 0,
             "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
             "train_seconds": round(sum(h["seconds"] for h in history), 1),
         },
+        "calibration": calibration,
         "test_scores": _card_scores(scores),
+        **({"test_confusion_by_source": by_source} if len(data["sources"]) > 1 else {}),
     }
     trained = dataclasses.replace(trained, provenance=provenance)
     write_card(trained)
@@ -474,3 +516,70 @@ def _card_scores(report: dict[str, Any]) -> dict[str, Any]:
     if "tolerant" in compact:
         compact["tolerant"] = {k: v for k, v in compact["tolerant"].items() if k != "confusion"}
     return compact
+
+
+def source_confusion(
+    split: LabelledCrops,
+    predicted: NDArray[np.integer],
+    codes: Sequence[str],
+    sources: Sequence[str],
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Where each source's cells of the classes several sources share went.
+
+    Returns
+    -------
+    dict
+        ``{source: {true code: {predicted code: count}}}``, for every class that at least two
+        sources hold, predicted codes with a count above zero only.
+    """
+    holders = {
+        label: set(split.sources[split.labels == label].tolist())
+        for label in set(split.labels.tolist())
+    }
+    shared = sorted(label for label, held in holders.items() if len(held) > 1)
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    for k, source in enumerate(sources):
+        rows = {}
+        for label in shared:
+            chosen = predicted[(split.sources == k) & (split.labels == label)]
+            if len(chosen):
+                counts = np.bincount(chosen, minlength=len(codes))
+                rows[codes[label]] = {codes[j]: int(c) for j, c in enumerate(counts) if c}
+        table[Path(source).name] = rows
+    return table
+
+
+@torch.inference_mode()
+def member_logits(classifier: Classifier, crops: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """Every ensemble member's raw logits of crops, shape (members, N, classes)."""
+    out = np.empty((len(classifier.models), len(crops), len(classifier.codes)), np.float32)
+    for start in range(0, len(crops), 128):
+        x = classifier.preprocess(crops[start : start + 128])
+        for k, model in enumerate(classifier.models):
+            out[k, start : start + len(x)] = model(x).float().cpu().numpy()
+    return out
+
+
+def calibrate_card(
+    card: ClassifierCard, val: LabelledCrops, device: str = "cpu"
+) -> tuple[ClassifierCard, dict[str, Any]]:
+    """The card with the temperature that calibrates its ensemble on ``val``, and a record of
+    it: temperature, validation cells, ECE before and after (see
+    :mod:`wsi_pipeline.learn.calibrate`). With no validation cells the card is returned as is."""
+    if not len(val.labels):
+        return card, {"temperature": card.model.temperature, "n_val": 0}
+    logits = member_logits(Classifier(card, device=device), val.crops)
+    temperature = fit_temperature(logits, val.labels)
+    record = {
+        "method": "temperature scaling of every member's logits on the validation split",
+        "temperature": round(temperature, 4),
+        "n_val": int(len(val.labels)),
+        "val_ece_before": round(
+            expected_calibration_error(ensemble_probabilities(logits), val.labels), 4
+        ),
+        "val_ece_after": round(
+            expected_calibration_error(ensemble_probabilities(logits, temperature), val.labels), 4
+        ),
+    }
+    model = dataclasses.replace(card.model, temperature=round(temperature, 4))
+    return dataclasses.replace(card, model=model), record

@@ -86,6 +86,9 @@ class ModelSpec:
         Extra keyword arguments of the timm constructor.
     cfg : dict
         Overrides of the timm ``MaxxVitCfg`` (CoAtNet family only) for compact variants.
+    temperature : float
+        Every member's logits are divided by it before the softmax (temperature scaling,
+        fitted on the validation split; 1 = uncalibrated).
     """
 
     architecture: str
@@ -95,6 +98,7 @@ class ModelSpec:
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
     kwargs: dict[str, Any] = field(default_factory=dict)
     cfg: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
 
     @property
     def mpp(self) -> float:
@@ -169,6 +173,8 @@ class ClassifierCard:
                 "std": list(self.model.std),
                 "kwargs": self.model.kwargs,
                 "cfg": self.model.cfg,
+                # Only written when calibrated, so uncalibrated cards read as they were.
+                **({"temperature": self.model.temperature} if self.model.temperature != 1 else {}),
             },
             "weights": {
                 "files": [w.path.name for w in self.weights],
@@ -235,6 +241,7 @@ def _card_from_dict(raw: Mapping[str, Any], path: Path) -> ClassifierCard:
         std=tuple(float(v) for v in model.get("std", (0.25, 0.25, 0.25))),
         kwargs=dict(model.get("kwargs", {})),
         cfg=dict(model.get("cfg", {})),
+        temperature=float(model.get("temperature", 1.0)),
     )
     classes = tuple(_class_from_entry(entry) for entry in raw["classes"])
     if len(set(c.code for c in classes)) != len(classes):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -82,6 +83,23 @@ def to_unit_tensor(crops: NDArray[np.uint8], device: torch.device) -> torch.Tens
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What the classifier says of a batch of crops.
+
+    Attributes
+    ----------
+    probabilities : ndarray of float32, shape (N, n_classes)
+        Mean calibrated softmax of the ensemble's members.
+    agreement : ndarray of float32, shape (N,)
+        Share of the members whose own top class is the ensemble's top class (1 for a single
+        model).
+    """
+
+    probabilities: NDArray[np.float32]
+    agreement: NDArray[np.float32]
+
+
 class Classifier:
     """One card's network (or ensemble) ready for inference.
 
@@ -137,12 +155,21 @@ class Classifier:
         return (to_unit_tensor(crops, self.device) - self._mean) / self._std
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
-        """Mean softmax over the ensemble (and ``tta`` dihedral transforms) of a batch."""
+    def forward_members(self, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
+        """Each ensemble member's calibrated softmax of a batch, averaged over ``tta`` dihedral
+        transforms: shape (members, N, classes)."""
         views = [x] if tta <= 1 else [_dihedral(x, k, m) for k, m in TTA_TRANSFORMS[:tta]]
+        temperature = self.card.model.temperature
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            total = sum(model(view).float().softmax(1) for model in self.models for view in views)
-        return total / (len(self.models) * len(views))
+            members = [
+                sum((model(view).float() / temperature).softmax(1) for view in views)
+                for model in self.models
+            ]
+        return torch.stack(members) / len(views)
+
+    def forward(self, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
+        """Mean calibrated softmax over the ensemble (and ``tta`` transforms) of a batch."""
+        return self.forward_members(x, tta).mean(0)
 
     @property
     def workers(self) -> int:
@@ -177,8 +204,40 @@ class Classifier:
             finally:
                 torch.set_num_threads(workers)
 
+    def predict(self, crops: NDArray[np.uint8], tta: int = 0) -> Prediction:
+        """Class probabilities of crops and how far the ensemble's members agree.
+
+        Parameters
+        ----------
+        crops : ndarray of uint8, shape (N, S, S, 3)
+            Crops of the card's field of view at its input size ``S``.
+        tta : int
+            Number of dihedral test-time transforms averaged (0 or 1: none; 8: all flips and
+            90° rotations).
+
+        Returns
+        -------
+        Prediction
+        """
+        probabilities = np.empty((len(crops), len(self.codes)), np.float32)
+        agreement = np.empty(len(crops), np.float32)
+        # Small calls are shared among the workers too.
+        step = max(1, min(self.pass_size, -(-len(crops) // self.workers)))
+
+        def run(start: int) -> None:
+            members = self.forward_members(self.preprocess(crops[start : start + step]), tta)
+            mean = members.mean(0)
+            votes = members.argmax(2) == mean.argmax(1)[None]
+            stop = start + len(mean)
+            probabilities[start:stop] = mean.cpu().numpy()
+            agreement[start:stop] = votes.float().mean(0).cpu().numpy()
+
+        for _ in self.stream(run, range(0, len(crops), step)):
+            pass
+        return Prediction(probabilities, agreement)
+
     def predict_proba(self, crops: NDArray[np.uint8], tta: int = 0) -> NDArray[np.float32]:
-        """Class probabilities of crops.
+        """Class probabilities of crops (:meth:`predict` without the agreement).
 
         Parameters
         ----------
@@ -192,17 +251,7 @@ class Classifier:
         -------
         ndarray of float32, shape (N, n_classes)
         """
-        out = np.empty((len(crops), len(self.codes)), np.float32)
-        # Small calls are shared among the workers too.
-        step = max(1, min(self.pass_size, -(-len(crops) // self.workers)))
-
-        def run(start: int) -> None:
-            x = self.preprocess(crops[start : start + step])
-            out[start : start + len(x)] = self.forward(x, tta).cpu().numpy()
-
-        for _ in self.stream(run, range(0, len(crops), step)):
-            pass
-        return out
+        return self.predict(crops, tta).probabilities
 
 
 #: Held while torch runs one thread per operation (a process-wide setting) for CPU workers.

@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.5
+#: Least share of an ensemble's members that must share its top class: a majority of three or
+#: more, both of two.
+DEFAULT_MIN_AGREEMENT = 0.6
 ICSH_MIN_CELLS = 500
 BLAST_THRESHOLDS = (5.0, 10.0, 20.0)
 MYELOID_GROUPS = (
@@ -137,9 +140,12 @@ class Differential:
     not_counted : tuple of Tally
         Classes reported outside the denominator (percent of all cells found).
     total_cells, uncertain, countable : int
-        Cells found; under the confidence threshold; in the denominator.
+        Cells found; uncertain (see :func:`certain`); in the denominator.
     threshold : float
         Confidence threshold applied.
+    min_agreement : float or None
+        Least share of agreeing snapshots applied; None when the members' agreement was not
+        given.
     me_ratio : float or None
         Myeloid / erythroid; ``None`` when not assessable or undefined (see ``flags``).
     blast_percent : float or None
@@ -160,6 +166,7 @@ class Differential:
     uncertain: int
     countable: int
     threshold: float
+    min_agreement: float | None
     me_ratio: float | None
     blast_percent: float | None
     blast_ci95: tuple[float, float] | None
@@ -172,10 +179,19 @@ class Differential:
         """Whether nothing was countable."""
         return self.countable == 0
 
+    @property
+    def uncertain_rule(self) -> str:
+        """When a cell counts as uncertain, in words."""
+        rule = f"confidence < {self.threshold:g}"
+        if self.min_agreement is not None:
+            rule += f" or snapshot agreement < {self.min_agreement:g}"
+        return rule
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (tuples become lists, ``None`` stays ``null``)."""
         out = asdict(self)
         out["status"] = NO_WHITE_CELLS if self.no_white_cells else "ok"
+        out["uncertain_rule"] = self.uncertain_rule
         return out
 
 
@@ -248,11 +264,31 @@ def _me_ratio(groups: dict[str, Tally]) -> tuple[float | None, list[str]]:
     return m / e, flags
 
 
+def certain(
+    confidence: ArrayLike,
+    agreement: ArrayLike | None = None,
+    threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+) -> NDArray[np.bool_]:
+    """Which cells are assigned to their top class; the others are *uncertain*.
+
+    A cell is certain when its (calibrated) confidence reaches ``threshold`` and, where the
+    members' ``agreement`` is known, at least ``min_agreement`` of the ensemble's members share
+    its top class.
+    """
+    sure = np.asarray(confidence) >= threshold
+    if agreement is not None:
+        sure &= np.asarray(agreement) >= min_agreement
+    return sure
+
+
 def differential(
     top_class_codes: ArrayLike,
     confidences: ArrayLike,
     card_classes: Sequence[str],
     threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
+    agreement: ArrayLike | None = None,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
 ) -> Differential:
     """Count a classified cell table into a marrow differential.
 
@@ -266,6 +302,10 @@ def differential(
         Codes the classifier card recognises.
     threshold : float
         Cells with ``confidence < threshold`` are counted as uncertain.
+    agreement : array_like of float, shape (N,), optional
+        Share of the ensemble's members that share each cell's top class.
+    min_agreement : float
+        Cells with ``agreement < min_agreement`` are counted as uncertain too.
 
     Returns
     -------
@@ -278,7 +318,7 @@ def differential(
     """
     codes, conf = _validated_codes(top_class_codes, confidences, card_classes)
     known = set(card_classes)
-    confident = conf >= threshold
+    confident = certain(conf, agreement, threshold, min_agreement)
     found, found_counts = np.unique(codes[confident], return_counts=True)
     per_code = dict(zip(found.tolist(), found_counts.tolist(), strict=True))
     counted = [c for c in CLASSES if c.counted]
@@ -326,9 +366,10 @@ def differential(
         )
     uncertain = int(total - confident.sum())
     if uncertain:
-        warnings.append(
-            f"{uncertain} cells under the confidence threshold {threshold:g} counted as uncertain"
-        )
+        why = f"confidence under {threshold:g}"
+        if agreement is not None:
+            why += f" or fewer than {min_agreement:.0%} of the snapshots agreeing"
+        warnings.append(f"{uncertain} cells counted as uncertain ({why})")
     return Differential(
         classes=classes,
         groups=tuple(groups.values()),
@@ -337,6 +378,7 @@ def differential(
         uncertain=uncertain,
         countable=countable,
         threshold=float(threshold),
+        min_agreement=None if agreement is None else float(min_agreement),
         me_ratio=me_ratio,
         blast_percent=blasts.percent,
         blast_ci95=blasts.ci95,

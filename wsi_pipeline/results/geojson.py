@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from wsi_pipeline.core.files import PendingFile
 from wsi_pipeline.core.schema import MEASURED_FIELDS
+from wsi_pipeline.results.counts import certain
 
 __all__ = [
     "UNCERTAIN_CLASS",
@@ -69,10 +70,10 @@ def _feature(geometry: dict[str, Any], properties: dict[str, Any]) -> str:
 
 
 def _measurements(batch: Mapping[str, NDArray], class_codes: Sequence[str]) -> list[dict]:
-    """Each cell's QuPath measurements: the schema's measured fields, rounded."""
+    """Each cell's QuPath measurements: the schema's measured fields in the batch, rounded."""
     names: list[str] = []
     columns: list[list[float]] = []
-    for field in MEASURED_FIELDS:
+    for field in (f for f in MEASURED_FIELDS if f.name in batch):
         assert field.measurement is not None
         values = np.round(np.asarray(batch[field.name], dtype=np.float64), field.decimals)
         if field.tail:
@@ -89,15 +90,17 @@ def _cell_features(
     class_codes: Sequence[str],
     colors: Mapping[str, RGB],
     threshold: float,
+    min_agreement: float,
 ) -> Iterable[str]:
-    for ring, top, confidence, measurements in zip(
+    sure = certain(batch["confidence"], batch.get("agreement"), threshold, min_agreement)
+    for ring, top, is_certain, measurements in zip(
         _closed_rings(batch["contour"]),
         np.asarray(batch["top_class"]).tolist(),
-        np.asarray(batch["confidence"], dtype=np.float64).tolist(),
+        sure.tolist(),
         _measurements(batch, class_codes),
         strict=True,
     ):
-        code = class_codes[top] if confidence >= threshold else UNCERTAIN_CLASS
+        code = class_codes[top] if is_certain else UNCERTAIN_CLASS
         color = colors[code] if code != UNCERTAIN_CLASS else UNCERTAIN_COLOR
         yield _feature(
             {"type": "Polygon", "coordinates": [ring]},
@@ -148,9 +151,11 @@ class GeoJSONWriter:
     region : sequence of (K, 2) arrays, optional
         Outer rings of the counted region in level-0 pixels: one annotation (a Polygon, or a
         MultiPolygon for several rings).
-    threshold : float
-        Cells whose confidence is under it are classified ``"Uncertain"`` (grey), as in the
-        differential; their probabilities stay in the measurements.
+    threshold, min_agreement : float
+        Cells the differential counts as uncertain (confidence under ``threshold``, or fewer
+        than ``min_agreement`` of the snapshots agreeing: see
+        :func:`~wsi_pipeline.results.counts.certain`) are classified ``"Uncertain"`` (grey);
+        their probabilities stay in the measurements.
 
     Notes
     -----
@@ -166,6 +171,7 @@ class GeoJSONWriter:
         *,
         region: Sequence[NDArray[np.floating]] = (),
         threshold: float = 0.0,
+        min_agreement: float = 0.0,
     ):
         missing = set(class_codes) - set(colors)
         if missing:
@@ -174,6 +180,7 @@ class GeoJSONWriter:
         self.class_codes = tuple(class_codes)
         self.colors = dict(colors)
         self.threshold = threshold
+        self.min_agreement = min_agreement
         head = '{"type": "FeatureCollection", "features": [\n'
         if len(region):
             head += _region_feature(region)
@@ -194,7 +201,9 @@ class GeoJSONWriter:
         """Append a batch of the cell table with at least ``contour`` (n, K, 2), ``top_class``
         (n,), ``confidence`` (n,), ``probabilities`` (n, C) and ``area_um2`` (n,); level-0
         pixels."""
-        features = _cell_features(batch, self.class_codes, self.colors, self.threshold)
+        features = _cell_features(
+            batch, self.class_codes, self.colors, self.threshold, self.min_agreement
+        )
         for feature in features:
             self._stream.write(self._separator + feature)
             self._separator = ",\n"
@@ -220,9 +229,17 @@ def write_geojson(
     *,
     region: Sequence[NDArray[np.floating]] = (),
     threshold: float = 0.0,
+    min_agreement: float = 0.0,
 ) -> Path:
     """Write all ``batches`` of cells through a :class:`GeoJSONWriter` (same parameters)."""
-    with GeoJSONWriter(path, class_codes, colors, region=region, threshold=threshold) as out:
+    with GeoJSONWriter(
+        path,
+        class_codes,
+        colors,
+        region=region,
+        threshold=threshold,
+        min_agreement=min_agreement,
+    ) as out:
         for batch in batches:
             out.write(batch)
         return out.commit()

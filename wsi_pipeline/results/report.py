@@ -94,7 +94,7 @@ def _table(result: Differential) -> str:
     rows.append('<tr class="group"><td colspan="5">not in the denominator</td></tr>')
     rows += [_row(c, "", _class_label(c)) for c in result.not_counted]
     rows.append(
-        f'<tr><td>uncertain (confidence &lt; {result.threshold:g})</td><td class="text"></td>'
+        f'<tr><td>uncertain ({escape(result.uncertain_rule)})</td><td class="text"></td>'
         f"<td>{result.uncertain}</td><td></td><td></td></tr>"
     )
     return head + "".join(rows) + "</tbody></table>"

@@ -405,12 +405,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """Plain-text rendering of :func:`read_summary` for ``wsi inspect STORE``."""
     counts = summary["counts"]
     slide = summary["slide"]
+    # Stores written before the snapshot-agreement rule record the threshold alone.
+    rule = counts.get("uncertain_rule") or f"confidence < {counts['threshold']:g}"
     lines = [
         f"store       {summary['store']} ({summary['status']})",
         f"slide       {slide.get('path', '?')}",
         f"classifier  {summary['classifier'].get('name', '?')}",
         f"cells       {counts['total_cells']} found, {counts['countable']} countable, "
-        f"{counts['uncertain']} uncertain (confidence < {counts['threshold']:g})",
+        f"{counts['uncertain']} uncertain ({rule})",
     ]
     if counts["status"] != "ok":
         lines.append(f"result      {counts['status']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD
+from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD, DEFAULT_MIN_AGREEMENT
 
 SALIENCY_METHODS = ("gradcam", "smoothgrad")
 DEFAULT_CELLS_PER_CLASS = 8  # most confident cells explained per class: one mosaic row
@@ -35,6 +35,9 @@ class RunOptions:
         A key of :data:`REGION_CHOICES`.
     min_confidence : float
         Cells under this top-class probability are counted as uncertain.
+    min_agreement : float
+        Cells whose top class fewer than this share of the snapshots share are counted as
+        uncertain.
     tta : int
         Dihedral test-time transforms averaged (0: none).
     gzip_geojson : bool
@@ -49,6 +52,7 @@ class RunOptions:
     saliency_cells: int | None = DEFAULT_CELLS_PER_CLASS
     region: str = "monolayer"
     min_confidence: float = DEFAULT_CONFIDENCE_THRESHOLD
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
     tta: int = 0
     gzip_geojson: bool = False
 

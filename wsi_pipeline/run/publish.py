@@ -127,6 +127,7 @@ def write_outputs(
             colours,
             region=plan.region,
             threshold=options.min_confidence,
+            min_agreement=options.min_agreement,
         ) as features,
         # Compressing chunks and encoding GeoJSON run on a low-priority thread, in order, in the
         # time the classifier leaves.
@@ -167,12 +168,16 @@ def write_outputs(
             }
 
         with stage("report"):
-            top_class, confidence = writer.read_columns("top_class", "confidence")
+            top_class, confidence, agreement = writer.read_columns(
+                "top_class", "confidence", "agreement"
+            )
             result = differential(
                 np.asarray(card.codes)[top_class],
                 confidence,
                 card.codes,
                 threshold=options.min_confidence,
+                agreement=agreement,
+                min_agreement=options.min_agreement,
             )
             writer.write_counts(result)
             _write_mosaics(writer, paths["mosaics"], mosaics)

@@ -1,0 +1,90 @@
+"""A classifier card on the cells of a lab none of its training data comes from (BCCD).
+
+Every typed BCCD white-cell box (``labels.csv``) is cut at the card's field of view, at the
+pixel size estimated from BCCD's red-cell boxes (see ``bccd_transfer.py``), and classified with
+the card's own argmax over all its classes. Scored as issue 24 scores an unseen lab: five groups
+(neutrophil = NGS or NGB, eosinophil, basophil, lymphocyte, monocyte); any other class the card
+answers counts wrong. Also reported: the share of cells the card calls uncertain (calibrated
+confidence under ``--min-confidence`` or snapshots disagreeing) and the scores of the others.
+
+Prints one JSON document. Usage: ``python benchmarks/unseen_lab.py [--card default]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from bccd_transfer import TYPE_CODES, TYPES, load_cells
+
+from wsi_pipeline.learn.evaluate import classification_report
+from wsi_pipeline.model.classify import Classifier
+from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD
+
+REPO = Path(__file__).resolve().parents[1]
+OTHER = len(TYPES)  # any class outside the five groups
+
+
+def group_of_codes(codes: tuple[str, ...]) -> np.ndarray:
+    """For each of the card's classes, its BCCD type index, or :data:`OTHER`."""
+    group = {code: i for i, t in enumerate(TYPES) for code in TYPE_CODES[t]}
+    return np.array([group.get(code, OTHER) for code in codes])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "bccd")
+    parser.add_argument("--card", default="default")
+    parser.add_argument("--min-confidence", type=float, default=DEFAULT_CONFIDENCE_THRESHOLD)
+    parser.add_argument("--min-agreement", type=float, default=1.0)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    classifier = Classifier(args.card, device="cpu")
+    cells, mpp = load_cells(
+        args.data, classifier.card.model.fov_um, classifier.card.model.input_size
+    )
+    prediction = classifier.predict(cells.crops)
+    top = prediction.probabilities.argmax(1)
+    predicted = group_of_codes(classifier.codes)[top]
+    confidence = prediction.probabilities.max(1)
+    certain = (confidence >= args.min_confidence) & (prediction.agreement >= args.min_agreement)
+    labels = (*TYPES, "OTHER")
+
+    def scores(keep: np.ndarray) -> dict:
+        report = classification_report(cells.types[keep], predicted[keep], labels)
+        per_type = {t: report["per_class"][t] for t in TYPES}
+        macro_f1 = float(np.mean([per_type[t]["f1"] for t in TYPES if per_type[t]["support"]]))
+        return {
+            "n": int(keep.sum()),
+            "accuracy": report["accuracy"],
+            "macro_f1_five_groups": round(macro_f1, 4),
+            "per_type": per_type,
+        }
+
+    answered = {classifier.codes[c]: int((top == c).sum()) for c in np.unique(top)}
+    print(
+        json.dumps(
+            {
+                "card": classifier.card.name,
+                "data": str(args.data),
+                "estimated_mpp": round(mpp, 4),
+                "cells_per_type": {t: int((cells.types == i).sum()) for i, t in enumerate(TYPES)},
+                "answered_classes": answered,
+                "all_cells": scores(np.ones(len(predicted), bool)),
+                "uncertain_share": round(float(1 - certain.mean()), 4),
+                "certain_cells": scores(certain),
+                "min_confidence": args.min_confidence,
+                "min_agreement": args.min_agreement,
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
