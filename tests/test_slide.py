@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import openslide
 import pytest
 import tifffile
 from PIL import Image
+from test_cli_errors import WSI_RUN
 
 from wsi_pipeline.image import readers
 from wsi_pipeline.image.slide import SlideError, find_slides, open_slide, resize_region
@@ -59,6 +63,19 @@ def test_dicom_folder_opens_as_one_slide(fixtures, tmp_path):
     assert slide.info.vendor == "dicom"
     assert slide.info.path == tmp_path
     assert find_slides(tmp_path) == [tmp_path]
+
+
+def test_dicom_files_among_other_slides_are_one_slide_of_that_folder(fixtures, tmp_path):
+    for name in ("boxes_0.dcm", "boxes_1.dcm", "small.svs"):
+        shutil.copy(fixtures / name, tmp_path / name)
+    (tmp_path / "series").mkdir()  # a DICOM slide's own folder below
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(fixtures / name, tmp_path / "series" / name)
+    slides = [tmp_path / "boxes_0.dcm", tmp_path / "series", tmp_path / "small.svs"]
+    assert find_slides(tmp_path) == slides
+    assert [open_slide(path).info.vendor for path in slides] == ["dicom", "dicom", "aperio"]
+    with pytest.raises(SlideError, match="is a directory, not a slide"):
+        open_slide(tmp_path)
 
 
 def test_plain_png_is_a_one_level_slide(fixtures):
@@ -155,7 +172,7 @@ def test_ycbcr_jpeg_tiles_decode_by_simplejpeg_to_tifffiles_pixels(tmp_path):
     write_synthetic_slide(tmp_path / "s.svs", size=(1500, 1000), seed=3)
     with open_slide(tmp_path / "s.svs") as slide, tifffile.TiffFile(tmp_path / "s.svs") as tif:
         tiles = slide._reader._tiles
-        assert tiles._simplejpeg_agrees(tiles.pages[0])  # the fast decoder is in use
+        assert tiles._jpeg_decoder(tiles.pages[0]) == "simplejpeg"  # the fast decoder is in use
         expected = tif.pages[0].asarray()
         np.testing.assert_array_equal(slide.read_region((0, 0), (1500, 1000)), expected)
 
@@ -252,3 +269,74 @@ def test_direct_tile_decoding_gives_openslides_pixels(shared_data, name):
             alpha = theirs[..., 3:] / 255
             composite = (theirs[..., :3] * alpha + 255 * (1 - alpha)).round()
             np.testing.assert_array_equal(ours, composite.astype(np.uint8))
+
+
+def write_giant_tiff(path, side: int = 30000, tile: int = 512) -> None:
+    """A tiled RGB TIFF that claims ``side`` x ``side`` pixels in about 30 KB: every tile's
+    offset points at the same small compressed tile."""
+    count = (-(-side // tile)) ** 2
+    tiles = itertools.chain([np.full((tile, tile, 3), 240, np.uint8)], itertools.repeat(None))
+    tifffile.imwrite(
+        path,
+        itertools.islice(tiles, count),
+        shape=(side, side, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="zlib",
+    )
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        offset, size = page.dataoffsets[0], page.databytecounts[0]
+        page.tags["TileOffsets"].overwrite([offset] * count)
+        page.tags["TileByteCounts"].overwrite([size] * count)
+
+
+def test_no_read_is_larger_than_the_cap(tmp_path):
+    write_giant_tiff(tmp_path / "giant.tif")
+    with open_slide(tmp_path / "giant.tif", mpp=0.25) as slide:
+        with pytest.raises(SlideError, match="more than one read may take"):
+            slide.read_region((0, 0), (30000, 30000))
+        thumbnail = slide.thumbnail(8.0)  # read in pieces under the cap
+        assert thumbnail.shape == (938, 938, 3)
+        assert (thumbnail[:-1, :-1] == 240).all()  # the last row and column reach past the edge
+    huge = open_slide(tmp_path / "giant.tif", mpp=50)  # a slide 1.5 m wide
+    with huge, pytest.raises(SlideError, match=r"overview at 4.0 µm per pixel, more than"):
+        huge.thumbnail(4.0)
+
+
+def test_a_run_on_a_huge_claimed_level_holds_its_memory(tmp_path):
+    write_giant_tiff(tmp_path / "giant.tif")
+    # Run under a Python that reports the peak RSS of its one child, the run.
+    peak_of_child = (
+        "import resource, subprocess, sys\n"
+        "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)\n"
+        "sys.exit(code)\n"
+    )
+    run = [WSI_RUN, tmp_path / "giant.tif", "--mpp", "0.25", "--out", tmp_path / "out"]
+    fast = ["--classifier", "synthetic-demo", "--saliency", "none", "--quiet"]
+    result = subprocess.run(
+        [sys.executable, "-c", peak_of_child, *map(str, run + fast)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode in (0, 2), result.stderr
+    assert "Traceback" not in result.stderr
+    assert int(result.stdout) < 2500, f"peak RSS {result.stdout.strip()} MB"
+
+
+def test_an_untiled_tiff_too_large_to_decode_whole_is_refused(tmp_path):
+    """TIAToolbox decodes an untiled image whole, whatever its header claims."""
+    path, side, rows = tmp_path / "strips.tif", 10000, 16
+    strip = np.full((rows, side, 3), 240, np.uint8)
+    tifffile.imwrite(path, strip, rowsperstrip=rows, photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # claim `side` rows: every strip the first
+        page = tif.pages[0]
+        offset, size = page.dataoffsets[0], page.databytecounts[0]
+        page.tags["ImageLength"].overwrite(side)
+        page.tags["StripOffsets"].overwrite([offset] * (side // rows))
+        page.tags["StripByteCounts"].overwrite([size] * (side // rows))
+    with pytest.raises(SlideError, match="untiled image of 10000 x 10000 pixels is too large"):
+        open_slide(path, mpp=0.25)

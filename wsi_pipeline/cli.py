@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +20,10 @@ import click
 
 from wsi_pipeline import __version__
 from wsi_pipeline.core.errors import InputError
+from wsi_pipeline.core.files import exclusive_folder
 from wsi_pipeline.run.cluster import DEFAULT_WORKFLOW
 from wsi_pipeline.run.options import (
+    BAD_TILE_CHOICES,
     DEFAULT_CELLS_PER_CLASS,
     DEFAULT_CONFIDENCE_THRESHOLD,
     DEFAULT_MIN_AGREEMENT,
@@ -40,8 +45,28 @@ class _BadInput(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+class _UsageError(click.UsageError):
+    """A usage error shown as one line, with where to find help, not click's usage block."""
+
+    def show(self, file=None) -> None:
+        where = f" (see '{self.ctx.command_path} --help')" if self.ctx else ""
+        click.echo(f"error: {self.message}{where}", err=True)
+
+
+@contextmanager
+def _usage_on_one_line() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as error:
+        raise _UsageError(error.format_message(), error.ctx) from error
+
+
 class _Command(click.Command):
     """A command whose bad-input errors end in one clear line, never a traceback."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _usage_on_one_line():
+            return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -52,6 +77,27 @@ class _Command(click.Command):
 
 class _Group(click.Group):
     command_class = _Command
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _usage_on_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def resolve_command(self, *args, **kwargs):
+        with _usage_on_one_line():
+            return super().resolve_command(*args, **kwargs)
+
+
+class _Fraction(click.FloatRange):
+    """A number from 0 to 1; click's FloatRange lets NaN through, as NaN fails no comparison."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1)
+
+    def convert(self, value, param, ctx) -> float:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number from 0 to 1", param, ctx)
+        return number
 
 
 @click.group(cls=_Group)
@@ -91,6 +137,7 @@ def _device_option(help_text: str = "Where the classifier runs; auto uses a GPU 
 
 def _deprecated_mpp(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
     """``--mpp`` of ``wsi train``/``wsi evaluate``: the old spelling of ``--image-mpp``."""
+    _positive_mpp(ctx, param, value)
     if value is not None:
         click.echo("warning: --mpp here is deprecated; use --image-mpp", err=True)
         given = ctx.params.get("image_mpp")
@@ -188,14 +235,14 @@ def _image_mpp_option(multiple: bool = False) -> Callable[[Callable], Callable]:
 )
 @click.option(
     "--min-confidence",
-    type=click.FloatRange(0, 1),
+    type=_Fraction(),
     default=DEFAULT_CONFIDENCE_THRESHOLD,
     show_default=True,
     help="Cells below this top-class probability are counted as uncertain, not assigned.",
 )
 @click.option(
     "--min-agreement",
-    type=click.FloatRange(0, 1),
+    type=_Fraction(),
     default=DEFAULT_MIN_AGREEMENT,
     show_default=True,
     help="Cells whose top class fewer than this share of the ensemble's snapshots share are "
@@ -210,6 +257,14 @@ def _image_mpp_option(multiple: bool = False) -> Callable[[Callable], Callable]:
 )
 @click.option("--gzip", "gzip_geojson", is_flag=True, help="Write <slide-stem>.geojson.gz.")
 @click.option(
+    "--on-bad-tile",
+    type=click.Choice(BAD_TILE_CHOICES),
+    default="skip",
+    show_default=True,
+    help="A tile whose image data cannot be decoded: leave it out of the count (and say so in "
+    "the store, the report and on stderr), or stop the run.",
+)
+@click.option(
     "--scheduler",
     default=None,
     metavar="tcp://HOST:PORT",
@@ -222,6 +277,7 @@ def _image_mpp_option(multiple: bool = False) -> Callable[[Callable], Callable]:
     help="Cluster spec: a name from workflows/ (local-cpu, gpu-node, slurm) or a .toml path.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--verbose", is_flag=True, help="Show the Dask cluster's informational messages.")
 def run(
     slide: Path,
     out: Path,
@@ -229,6 +285,7 @@ def run(
     scheduler: str | None,
     workflow: str | None,
     quiet: bool,
+    verbose: bool,
     **settings,
 ) -> None:
     """Count the white cells of SLIDE: a slide file, a DICOM folder or a folder of slides.
@@ -241,10 +298,33 @@ def run(
 
     options = RunOptions(mpp=mpp, **settings)
     slides = find_slides(slide)
-    if scheduler or workflow or slides != [slide]:
-        _run_on_cluster(slides, out, options, scheduler, workflow or DEFAULT_WORKFLOW)
-    else:
-        _run_in_process(slide, out, options, quiet)
+    _check_writable(out)
+    # Held before anything loads: a second run into OUT is refused at once.
+    with exclusive_folder(out):
+        if scheduler or workflow or slides != [slide]:
+            spec = workflow or DEFAULT_WORKFLOW
+            _run_on_cluster(slides, out, options, scheduler, spec, verbose)
+        else:
+            _run_in_process(slide, out, options, quiet)
+
+
+#: Bytes written to OUT before a run starts: a full disk fails here, not after the model loads.
+PROBE_BYTES = 2**20
+
+
+def _check_writable(out: Path) -> None:
+    """Write a probe file in OUT, and leave no trace: refuse an unwritable folder or a full disk."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out) as probe:  # unnamed: gone when closed
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
+        if created:
+            out.rmdir()
+    except OSError as error:
+        raise InputError(out, f"cannot write into the output folder: {error.strerror}") from error
 
 
 def _resolve_card(options: RunOptions) -> ClassifierCard:
@@ -266,11 +346,20 @@ def _run_in_process(path: Path, out: Path, options: RunOptions, quiet: bool) -> 
         from wsi_pipeline.run.local import run_slide
 
         outcome = run_slide(opened, out, options, progress=not quiet, card=card)
+    if outcome.unreadable_tiles:
+        from wsi_pipeline.run.stages import unreadable_warning
+
+        click.echo(f"warning: {path}: {unreadable_warning(outcome.unreadable_tiles)}", err=True)
     click.echo(_run_summary(path, outcome))
 
 
 def _run_on_cluster(
-    slides: list[Path], out: Path, options: RunOptions, scheduler: str | None, workflow: str
+    slides: list[Path],
+    out: Path,
+    options: RunOptions,
+    scheduler: str | None,
+    workflow: str,
+    verbose: bool,
 ) -> None:
     from wsi_pipeline.run.cluster import dask_client, load_workflow
 
@@ -282,7 +371,7 @@ def _run_on_cluster(
     if options.device == "auto":
         options = dataclasses.replace(options, device=spec.device)
     rows = []
-    with dask_client(spec, scheduler) as client:
+    with dask_client(spec, scheduler, verbose) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         for row in run_cohort(slides, out, options, client, card=card):
             rows.append(row)
@@ -356,14 +445,14 @@ def inspect(store: Path, as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--val-fraction",
-    type=click.FloatRange(0, 1),
+    type=_Fraction(),
     default=0.1,
     show_default=True,
     help="Share of patients (or images) held out for validation.",
 )
 @click.option(
     "--test-fraction",
-    type=click.FloatRange(0, 1),
+    type=_Fraction(),
     default=0.1,
     show_default=True,
     help="Share of patients (or images) held out for the test report.",

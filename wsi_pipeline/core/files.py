@@ -9,15 +9,27 @@ that looks complete, and two runs never write into each other's temporary files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["DATA_FOLDERS", "PendingFile", "atomic_path", "data_path", "file_sha256"]
+from wsi_pipeline.core.errors import InputError
+
+__all__ = [
+    "DATA_FOLDERS",
+    "PendingFile",
+    "atomic_path",
+    "data_path",
+    "exclusive_folder",
+    "file_sha256",
+]
 
 DATA_FOLDERS = ("classifiers", "workflows")
 #: Permissions of a published file: mkstemp makes files private, these are shared outputs.
@@ -125,6 +137,73 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         pending.commit()
     finally:
         pending.abort()
+
+
+#: Output folders this process holds, and how many times over.
+_held: dict[Path, int] = {}
+_held_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the output folder ``folder`` for this process alone while the block runs.
+
+    Two runs writing into one folder would mix their outputs; the second is refused at once.
+    The lock is an advisory ``flock`` on the folder itself (no file is written), released by
+    the kernel when the process ends, however it ends. Within one process it is re-entrant:
+    the command line takes it before loading anything, the runner it calls takes it again.
+    Whoever takes it first deletes what killed runs left in the folder (hidden ``.partial``
+    files and folders, stores moved aside): while the lock is held, nobody else is writing
+    there.
+
+    Raises
+    ------
+    InputError
+        Another live process holds the folder.
+    """
+    folder = Path(folder).resolve()
+    with _held_lock:
+        reentered = folder in _held
+        if reentered:
+            _held[folder] += 1
+    if reentered:
+        try:
+            yield folder
+        finally:
+            with _held_lock:
+                _held[folder] -= 1
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise InputError(folder, f"cannot write into the output folder: {error.strerror}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                folder,
+                "another wsi run is writing into this folder; wait for it or choose another --out",
+            ) from None
+        _remove_leftovers(folder)
+        with _held_lock:
+            _held[folder] = 1
+        try:
+            yield folder
+        finally:
+            with _held_lock:
+                del _held[folder]
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _remove_leftovers(folder: Path) -> None:
+    for leftover in [*folder.glob(".*.partial"), *folder.glob(".*.old")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

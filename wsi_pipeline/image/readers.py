@@ -123,7 +123,7 @@ class _TiledPages:
             and page.planarconfig.name == "CONTIG"  # type: ignore[attr-defined]
         }
         self.pages = [usable.get(tuple(d)) for d in level_dimensions]
-        self._simplejpeg: dict[int, bool] = {}  # by page index: decodes as tifffile does
+        self._jpeg_decoders: dict[int, str] = {}  # by page index: see _jpeg_decoder
         self._decoded: OrderedDict[Pair, np.ndarray] = OrderedDict()  # least recent first
         self._decoded_bytes = 0
         self._decoded_lock = threading.Lock()
@@ -134,14 +134,22 @@ class _TiledPages:
             return self._tif.filehandle.read(page.databytecounts[index])
 
     def _tile(self, page, index: int) -> np.ndarray:
-        """One decoded tile, from the last :data:`DECODED_TILES_MB` of tiles when it is there."""
+        """One decoded tile, from the last :data:`DECODED_TILES_MB` of tiles when it is there.
+
+        A tile the file leaves out (no bytes) is glass, as OpenSlide shows it.
+        """
+        if not page.databytecounts[index]:
+            return np.full((page.tilelength, page.tilewidth, 3), 255, dtype=np.uint8)
         key = (page.index, index)
         with self._decoded_lock:
             tile = self._decoded.get(key)
             if tile is not None:
                 self._decoded.move_to_end(key)
                 return tile
-        tile = self._decode(page, self._raw_tile(page, index), index)
+        try:
+            tile = self._decode(page, self._raw_tile(page, index), index)
+        except Exception as error:  # each decoder raises its own types
+            raise ValueError(f"tile {index} of TIFF page {page.index}: {error}") from error
         with self._decoded_lock:
             if key not in self._decoded:
                 self._decoded[key] = tile
@@ -151,23 +159,36 @@ class _TiledPages:
         return tile
 
     def _decode(self, page, raw: bytes, index: int) -> np.ndarray:
-        """One tile as (tile length, tile width, 3) uint8."""
-        if page.compression.name == "JPEG" and self._simplejpeg_agrees(page):
+        """One tile as (tile length, tile width, 3) uint8; corrupt data raises ValueError."""
+        decoder = self._jpeg_decoder(page) if page.compression.name == "JPEG" else "tifffile"
+        if decoder == "simplejpeg":
             return _simplejpeg_decode(page, raw)
+        if decoder == "checked":
+            # imagecodecs ignores libjpeg's warnings and returns the pixels of a corrupt tile;
+            # simplejpeg raises on them.
+            _simplejpeg_decode(page, raw)
         return _tifffile_decode(page, raw, index)
 
-    def _simplejpeg_agrees(self, page) -> bool:
-        agrees = self._simplejpeg.get(page.index)
-        if agrees is None:
+    def _jpeg_decoder(self, page) -> str:
+        """How the JPEG tiles of a page are decoded, from its first tile.
+
+        ``simplejpeg`` when it decodes that tile to exactly tifffile's pixels; ``checked`` when
+        it decodes it to other pixels (tifffile decodes, simplejpeg checks the data);
+        ``tifffile`` when simplejpeg cannot decode it at all.
+        """
+        decoder = self._jpeg_decoders.get(page.index)
+        if decoder is None:
             index = int(np.argmax(np.asarray(page.databytecounts) > 0))
             raw = self._raw_tile(page, index)
             try:
                 tile = _simplejpeg_decode(page, raw)
             except ValueError:
-                tile = None
-            agrees = tile is not None and np.array_equal(tile, _tifffile_decode(page, raw, index))
-            self._simplejpeg[page.index] = agrees
-        return agrees
+                decoder = "tifffile"
+            else:
+                same = np.array_equal(tile, _tifffile_decode(page, raw, index))
+                decoder = "simplejpeg" if same else "checked"
+            self._jpeg_decoders[page.index] = decoder
+        return decoder
 
     def read(self, level: int, origin: Pair, size: Pair) -> np.ndarray | None:
         """RGB of ``size`` whose top-left is ``origin`` in level pixels; None if not tiled."""
@@ -206,16 +227,29 @@ def _tifffile_decode(page, raw: bytes, index: int) -> np.ndarray:
 
 
 def _simplejpeg_decode(page, raw: bytes) -> np.ndarray:
-    """A JPEG tile by simplejpeg as RGB uint8 (its own shape: compare before trusting it)."""
-    return simplejpeg.decode_jpeg(_whole_jpeg(raw, page.jpegtables), colorspace="RGB")
+    """A JPEG tile by simplejpeg as RGB uint8 (its own shape: compare before trusting it).
+
+    simplejpeg is strict: data libjpeg can only partly decode raises ValueError.
+    """
+    rgb = page.photometric.name == "RGB"
+    return simplejpeg.decode_jpeg(_whole_jpeg(raw, page.jpegtables, rgb), colorspace="RGB")
 
 
-def _whole_jpeg(tile: bytes, tables: bytes | None) -> bytes:
-    """A TIFF JPEG tile as a self-contained JPEG stream: the shared tables spliced in."""
+#: An Adobe APP14 segment whose transform 0 tells libjpeg the components are RGB, not YCbCr.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def _whole_jpeg(tile: bytes, tables: bytes | None, rgb: bool = False) -> bytes:
+    """A TIFF JPEG tile as a self-contained JPEG stream: the shared tables spliced in.
+
+    With ``rgb`` (photometric RGB, as Aperio writes) an Adobe segment says so: a stream without
+    one is taken for YCbCr by libjpeg.
+    """
+    start = b"\xff\xd8" + (_ADOBE_RGB if rgb else b"")
     if not tables:
-        return tile
-    # The tables' stream without its end marker, then the tile's without its start marker.
-    return tables[:-2] + tile[2:]
+        return start + tile[2:]
+    # The tables' stream without its start and end markers, then the tile's without its start.
+    return start + tables[2:-2] + tile[2:]
 
 
 class _OpenSlideReader:
@@ -226,6 +260,7 @@ class _OpenSlideReader:
     def __init__(self, path: Path):
         import openslide
 
+        self._path = path
         self._error = openslide.OpenSlideError
         self._slide = openslide.OpenSlide(str(path))
         props = self._slide.properties
@@ -247,7 +282,15 @@ class _OpenSlideReader:
             region = self._tiles.read(level, origin, size)
             if region is not None:
                 return region
-        return _rgba_to_rgb(np.asarray(self._slide.read_region(location, level, size)))
+        slide = self._slide
+        try:
+            return _rgba_to_rgb(np.asarray(slide.read_region(location, level, size)))
+        except self._error:
+            # OpenSlide's errors are sticky: the handle would refuse every later read. Reads in
+            # progress on other threads keep the old handle until they return.
+            if self._slide is slide:
+                self._slide = type(slide)(str(self._path))
+            raise
 
     def close(self) -> None:
         if self._tiles is not None:
@@ -294,9 +337,18 @@ class _ImageReader:
     backend = "pillow"
 
     def __init__(self, path: Path):
-        with Image.open(path) as image:
-            image.load()
-            rgba = np.asarray(image.convert("RGBA"))
+        # A plain image is decoded whole: refuse one larger than Pillow's decompression-bomb
+        # limit (about 89 million pixels), which it would otherwise only warn about.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    rgba = np.asarray(image.convert("RGBA"))
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+                raise SlideError(
+                    path, f"too large to read as a plain image ({error}); save it as a tiled TIFF"
+                ) from error
         self._rgb = _rgba_to_rgb(rgba)
         height, width = self._rgb.shape[:2]
         self.vendor = "image"
@@ -318,6 +370,26 @@ class _ImageReader:
         pass
 
 
+def _refuse_large_untiled(path: Path) -> None:
+    """Refuse an untiled TIFF larger than Pillow's limit: TIAToolbox would decode it whole,
+    whatever size its header claims."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            tiled, width, height = page.is_tiled, page.imagewidth, page.imagelength
+    except (tifffile.TiffFileError, ValueError, OSError):
+        return  # not a TIFF: TIAToolbox says what it is
+    limit = Image.MAX_IMAGE_PIXELS  # None when the user lifted Pillow's limit
+    if not tiled and limit is not None and width * height > limit:
+        raise SlideError(
+            path,
+            f"an untiled image of {width} x {height} pixels is too large to read whole (more "
+            f"than {limit}); save it as a tiled pyramidal TIFF",
+        )
+
+
 def open_reader(path: Path) -> Reader:
     import openslide
 
@@ -333,6 +405,7 @@ def open_reader(path: Path) -> Reader:
         except openslide.OpenSlideError as error:
             raise SlideError(path, f"OpenSlide cannot open it: {error}") from error
 
+    _refuse_large_untiled(path)
     try:
         return _TiaToolboxReader(path)
     except Exception as tia_error:  # TIAToolbox raises many types for unsupported files

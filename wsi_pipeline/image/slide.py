@@ -41,6 +41,18 @@ SLIDE_SUFFIXES = (
     ".qptiff", *IMAGE_SUFFIXES,
 )  # fmt: skip
 
+#: Most pixels one read may decode or return (100 MB of RGB): a header can claim any size, so
+#: nothing is ever read whole on its word. The pipeline's tiles are about 4 million pixels.
+MAX_READ_PIXELS = 2**25
+#: Most pixels of a thumbnail: a 25 x 75 mm glass slide at 4 µm per pixel is 117 million.
+MAX_THUMBNAIL_PIXELS = 2**28
+#: Side, in thumbnail pixels, below which a piece that cannot be decoded is not split further.
+UNREADABLE_PIECE_PX = 8
+
+
+class UnreadableRegion(SlideError):
+    """Pixels of an open slide that cannot be decoded (a corrupt tile); names where they are."""
+
 
 @dataclass(frozen=True)
 class SlideInfo:
@@ -143,20 +155,30 @@ class Slide:
         Returns
         -------
         ndarray of uint8, shape (height, width, 3)
+
+        Raises
+        ------
+        SlideError
+            When the read would take more than :data:`MAX_READ_PIXELS` pixels.
+        UnreadableRegion
+            When the slide's pixels there cannot be decoded.
         """
         width, height = (int(v) for v in size)
         x, y = (int(round(v)) for v in location)
-        downsample = 1.0 if mpp is None else mpp / self.mpp
-        level = self.best_level(downsample)
-        level_ds = self.info.level_downsamples[level]
-        scale = downsample / level_ds
-        level_size = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+        level, level_size = self._level_read(size, mpp)
+        if max(level_size[0] * level_size[1], width * height) > MAX_READ_PIXELS:
+            raise SlideError(
+                self.info.path,
+                f"a read of {level_size[0]} x {level_size[1]} pixels at level {level} for "
+                f"{width} x {height} output pixels is more than one read may take "
+                f"({MAX_READ_PIXELS} pixels)",
+            )
         try:
             region = self._reader.read_level(level, (x, y), level_size)
         except SlideError:
             raise
         except Exception as error:  # the readers raise their own error types
-            raise SlideError(
+            raise UnreadableRegion(
                 self.info.path,
                 f"cannot decode the region at ({x}, {y}) level {level}: {error}",
             ) from error
@@ -164,12 +186,76 @@ class Slide:
             region = resize_region(region, (width, height))
         return region
 
+    def _level_read(self, size: tuple[int, int], mpp: float | None) -> tuple[int, Pair]:
+        """The level :meth:`read_region` reads ``size`` output pixels from, and its size there."""
+        downsample = 1.0 if mpp is None else mpp / self.mpp
+        level = self.best_level(downsample)
+        scale = downsample / self.info.level_downsamples[level]
+        width, height = (int(v) for v in size)
+        return level, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+
     def thumbnail(self, mpp: float) -> np.ndarray:
-        """The whole slide at ``mpp`` microns per pixel."""
+        """The whole slide at ``mpp`` microns per pixel, read in pieces of bounded size.
+
+        Parts that cannot be decoded (corrupt tiles) are inpainted from their surroundings, so
+        the tiles over them are planned as their neighbours are; detection then reads them
+        again and records them as unreadable.
+
+        Raises
+        ------
+        SlideError
+            When the thumbnail would have more than :data:`MAX_THUMBNAIL_PIXELS` pixels.
+        """
         width, height = self.info.dimensions
         factor = self.mpp / mpp
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        return self.read_region((0, 0), size, mpp)
+        if size[0] * size[1] > MAX_THUMBNAIL_PIXELS:
+            raise SlideError(
+                self.info.path,
+                f"{width} x {height} pixels of {self.mpp} µm make a {size[0]} x {size[1]} "
+                f"overview at {mpp} µm per pixel, more than {MAX_THUMBNAIL_PIXELS} pixels",
+            )
+        level_size = self._level_read(size, mpp)[1]
+        if max(level_size[0] * level_size[1], size[0] * size[1]) <= MAX_READ_PIXELS:
+            try:
+                return self.read_region((0, 0), size, mpp)
+            except UnreadableRegion:
+                pass  # read it piece by piece, to find the parts that cannot be decoded
+        # Square pieces whose reads stay under MAX_READ_PIXELS (level sizes are rounded up).
+        read_per_pixel = max(level_size[0] / size[0], 1.0)
+        piece = max(1, int((math.isqrt(MAX_READ_PIXELS) - 1) / read_per_pixel))
+        thumbnail = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
+        unreadable = np.zeros((size[1], size[0]), dtype=np.uint8)
+        for top in range(0, size[1], piece):
+            for left in range(0, size[0], piece):
+                rows = slice(top, min(top + piece, size[1]))
+                cols = slice(left, min(left + piece, size[0]))
+                self._read_piece(thumbnail[rows, cols], unreadable[rows, cols], (left, top), mpp)
+        if unreadable.any():
+            return cv2.inpaint(thumbnail, unreadable, 3, cv2.INPAINT_TELEA)
+        return thumbnail
+
+    def _read_piece(
+        self, out: NDArray[np.uint8], unreadable: NDArray[np.uint8], origin: Pair, mpp: float
+    ) -> None:
+        """Read ``out`` (whose top-left is ``origin`` in pixels at ``mpp``) in place; where it
+        cannot be decoded, split it in four and retry, down to :data:`UNREADABLE_PIECE_PX`,
+        and mark what stays unreadable."""
+        height, width = out.shape[:2]
+        location = (round(origin[0] * mpp / self.mpp), round(origin[1] * mpp / self.mpp))
+        try:
+            out[:] = self.read_region(location, (width, height), mpp)
+            return
+        except UnreadableRegion:
+            if max(width, height) <= UNREADABLE_PIECE_PX:
+                unreadable[:] = 1
+                return
+        half_w, half_h = -(-width // 2), -(-height // 2)
+        for top in range(0, height, half_h):
+            for left in range(0, width, half_w):
+                rows, cols = slice(top, top + half_h), slice(left, left + half_w)
+                corner = (origin[0] + left, origin[1] + top)
+                self._read_piece(out[rows, cols], unreadable[rows, cols], corner, mpp)
 
 
 def _box_sources(n_in: int, n_out: int) -> NDArray[np.float32] | None:
@@ -229,9 +315,21 @@ def resize_region(region: NDArray[np.uint8], size: Pair) -> NDArray[np.uint8]:
     return np.asarray(Image.fromarray(region).resize(cast(Pair, tuple(size)), resample))
 
 
-def _dicom_file(folder: Path) -> Path | None:
-    files = sorted(folder.glob("*.dcm"))
-    return files[0] if files else None
+def _slide_files(folder: Path) -> list[Path]:
+    """The slide files directly in ``folder`` (hidden ones left out), sorted."""
+    return sorted(
+        p for p in folder.glob("[!.]*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+    )
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() == ".dcm"
+
+
+def _dicom_series(folder: Path) -> Path | None:
+    """The first file of a DICOM slide's folder (every slide file in it is DICOM), else None."""
+    files = _slide_files(folder)
+    return files[0] if files and all(_is_dicom(f) for f in files) else None
 
 
 def _check_decodes(slide: Slide) -> None:
@@ -266,9 +364,9 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     if not path.exists():
         raise SlideError(path, "no such file or directory")
     if path.is_dir():
-        dicom = _dicom_file(path)
+        dicom = _dicom_series(path)
         if dicom is None:
-            raise SlideError(path, "is a directory, not a slide (no DICOM files inside)")
+            raise SlideError(path, "is a directory, not a slide (not a folder of DICOM files)")
         target = dicom
     elif path.stat().st_size == 0:
         raise SlideError(path, "empty file (0 bytes)")
@@ -297,7 +395,11 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
 
 
 def find_slides(path: str | Path) -> list[Path]:
-    """Slides under ``path``: the file itself, or every slide file and DICOM folder below a folder.
+    """Slides under ``path``: the file itself, or every slide below a folder.
+
+    A folder whose slide files are all DICOM is one slide (the files of one DICOM series). In
+    a folder that holds other slide files too, each of those is a slide and its DICOM files
+    together are one more, named by the first of them.
 
     Raises
     ------
@@ -309,14 +411,14 @@ def find_slides(path: str | Path) -> list[Path]:
         raise SlideError(path, "no such file or directory")
     if path.is_file():
         return [path]
-    if _dicom_file(path) is not None:
-        return [path]
-    found: set[Path] = set()
-    for candidate in sorted(path.rglob("[!.]*")):
-        if candidate.is_file() and candidate.suffix.lower() == ".dcm":
-            found.add(candidate.parent)
-        elif candidate.is_file() and candidate.suffix.lower() in SLIDE_SUFFIXES:
-            found.add(candidate)
+    found: list[Path] = []
+    for folder in sorted({path, *(p for p in path.rglob("[!.]*") if p.is_dir())}):
+        files = _slide_files(folder)
+        dicom = [f for f in files if _is_dicom(f)]
+        if files and len(dicom) == len(files):
+            found.append(folder)
+        else:
+            found += [f for f in files if not _is_dicom(f)] + dicom[:1]
     if not found:
         suffixes = ", ".join(SLIDE_SUFFIXES)
         raise SlideError(path, f"no slide files found in this directory (looked for {suffixes})")

@@ -314,27 +314,62 @@ def load_state_dicts(card: ClassifierCard) -> list[dict[str, torch.Tensor]]:
     Raises
     ------
     CardError
-        When the card has no weights, a file is missing, its hash differs or it is unreadable.
+        When the card has no weights, a file is missing, its hash differs, it is unreadable or
+        its tensors do not fit the card's network.
     """
     if not card.weights:
         raise CardError(card.path, "this card has no trained weights (weights.files is empty)")
+    shapes = {name: tuple(t.shape) for name, t in build_model(card).state_dict().items()}
     states = []
     for weights in card.weights:
         if not weights.path.is_file():
             raise CardError(weights.path, f"weights file of card {card.name!r} not found")
         actual = file_sha256(weights.path)
         if actual != weights.sha256:
+            # Enough characters of both hashes to see where they differ.
+            shown = max(12, len(os.path.commonprefix([actual, weights.sha256])) + 4)
             raise CardError(
                 weights.path,
-                f"SHA-256 mismatch: card {card.name!r} expects {weights.sha256[:12]}..., "
-                f"file has {actual[:12]}...; the file is corrupt or not these weights",
+                f"SHA-256 mismatch: card {card.name!r} expects {weights.sha256[:shown]}..., "
+                f"file has {actual[:shown]}...; the file is corrupt or not these weights",
             )
         try:
             state = load_file(weights.path)
         except SafetensorError as error:
             raise CardError(weights.path, f"not a readable safetensors file ({error})") from error
+        _check_fits(card, weights.path, state, shapes)
         states.append({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return states
+
+
+def _check_fits(
+    card: ClassifierCard,
+    path: Path,
+    state: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Refuse weights with missing, unknown or differently shaped tensors for the card's network
+    (``shapes``: its tensors' shapes), which torch would only refuse with a page of names."""
+    resized = sorted(k for k in shapes.keys() & state.keys() if tuple(state[k].shape) != shapes[k])
+    missing = sorted(shapes.keys() - state.keys())
+    unknown = sorted(state.keys() - shapes.keys())
+    problems = []
+    if resized:
+        first = resized[0]
+        problems.append(
+            f"{len(resized)} of another shape (first {first}: {tuple(state[first].shape)} in the "
+            f"file, {shapes[first]} in the network)"
+        )
+    if missing:
+        problems.append(f"{len(missing)} missing (first {missing[0]})")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown to the network (first {unknown[0]})")
+    if problems:
+        raise CardError(
+            path,
+            f"these weights do not fit the {card.model.architecture} network of card "
+            f"{card.name!r}: tensors {'; '.join(problems)}",
+        )
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> WeightsFile:

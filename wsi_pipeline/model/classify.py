@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.prefetch import prefetch
 from wsi_pipeline.model.cards import ClassifierCard, build_model, load_state_dicts, resolve_card
 
@@ -50,10 +51,22 @@ TTA_TRANSFORMS: tuple[tuple[int, bool], ...] = tuple(
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" is CUDA when available, else CPU."""
+    """ "auto" is CUDA when available, else CPU.
+
+    Raises
+    ------
+    InputError
+        When a CUDA device is asked for that torch does not see.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if resolved.type == "cuda" and (resolved.index or 0) >= gpus:
+        raise InputError(
+            str(device), f"torch sees {gpus} CUDA GPU(s) on this machine; use --device cpu or auto"
+        )
+    return resolved
 
 
 def default_batch_size(device: torch.device, input_size: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "REGION_COLOR",
     "GeoJSONWriter",
     "hex_to_rgb",
+    "read_result_key",
     "write_geojson",
 ]
 
@@ -45,6 +47,7 @@ UNCERTAIN_CLASS = "Uncertain"
 UNCERTAIN_COLOR = (160, 160, 160)
 REGION_CLASS = "Counted region"
 REGION_COLOR = (0, 160, 255)
+RESULT_KEY_MEMBER = "wsi_pipeline_result"
 _DECIMALS = 2  # level-0 pixel coordinates to 1/100 px: far below any contour's accuracy
 
 RGB = tuple[int, int, int]
@@ -130,6 +133,20 @@ def _region_feature(region: Sequence[NDArray[np.floating]]) -> str:
     )
 
 
+def read_result_key(path: str | Path) -> str | None:
+    """The ``wsi_pipeline_result`` member of a GeoJSON file written here, or None (missing or
+    unreadable file, or no such member)."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as stream:
+            head = stream.read(256)
+    except (OSError, EOFError, UnicodeDecodeError):
+        return None
+    found = re.search(rf'"{RESULT_KEY_MEMBER}": "([0-9a-f]*)"', head)
+    return found.group(1) if found else None
+
+
 def _open_text(path: Path, compress: bool) -> IO[str]:
     if compress:  # level 6: nearly the size of level 9 at a fraction of the time
         return gzip.open(path, "wt", encoding="utf-8", compresslevel=6)
@@ -157,6 +174,10 @@ class GeoJSONWriter:
         :func:`~wsi_pipeline.results.counts.certain`) are classified ``"Uncertain"`` (grey);
         their probabilities stay in the measurements.
 
+    result_key : str
+        Identifies the result the file holds, as the store records it; written as the
+        collection's member ``wsi_pipeline_result`` (:func:`read_result_key`).
+
     Notes
     -----
     Use it as a context manager: leaving the block without :meth:`commit` deletes the temporary
@@ -172,6 +193,7 @@ class GeoJSONWriter:
         region: Sequence[NDArray[np.floating]] = (),
         threshold: float = 0.0,
         min_agreement: float = 0.0,
+        result_key: str = "",
     ):
         missing = set(class_codes) - set(colors)
         if missing:
@@ -181,7 +203,10 @@ class GeoJSONWriter:
         self.colors = dict(colors)
         self.threshold = threshold
         self.min_agreement = min_agreement
-        head = '{"type": "FeatureCollection", "features": [\n'
+        # A foreign member QuPath ignores: which result this file holds (see read_result_key).
+        head = (
+            f'{{"type": "FeatureCollection", "{RESULT_KEY_MEMBER}": "{result_key}", "features": [\n'
+        )
         if len(region):
             head += _region_feature(region)
         self._separator = ",\n" if len(region) else ""

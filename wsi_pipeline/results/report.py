@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -25,6 +26,8 @@ from wsi_pipeline.results.counts import Differential, Tally
 
 __all__ = ["write_report", "png_data_uri"]
 
+#: The ``<meta>`` name under which a report records its result key.
+RESULT_KEY_META = "wsi-pipeline-result"
 _CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
@@ -183,6 +186,17 @@ def _notes(result: Differential) -> str:
     return "".join(parts)
 
 
+def read_result_key(path: str | Path) -> str | None:
+    """The result key of a report written here, or None (missing or unreadable file, no key)."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            head = stream.read(512)
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = re.search(rf'<meta name="{RESULT_KEY_META}" content="([0-9a-f]*)">', head)
+    return found.group(1) if found else None
+
+
 def write_report(
     path: str | Path,
     result: Differential,
@@ -195,6 +209,7 @@ def write_report(
     thumbnail_scale: float = 1.0,
     region: Sequence[NDArray[np.floating]] = (),
     mosaics: Mapping[str, Mapping[str, NDArray[np.uint8]]] | None = None,
+    result_key: str = "",
 ) -> Path:
     """Write the HTML report of one slide, atomically.
 
@@ -220,6 +235,9 @@ def write_report(
         The counted region's outer rings, level-0 pixels, drawn on the thumbnail.
     mosaics : mapping of method to mapping of class code to image, optional
         Saliency mosaics, e.g. ``{"gradcam": {"BLA": ...}}``.
+    result_key : str
+        Identifies the result the page shows, as the store records it (a ``<meta>`` tag, see
+        :func:`read_result_key`).
 
     Returns
     -------
@@ -267,6 +285,7 @@ def write_report(
     ]
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="{RESULT_KEY_META}" content="{escape(result_key)}">'
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>"
         + "\n".join(s for s in sections if s)
         + "</body></html>\n"

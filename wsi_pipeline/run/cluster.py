@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,10 @@ from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import data_path
 
 DEFAULT_WORKFLOW = "local-cpu"
+#: Seconds to wait for the scheduler of ``--scheduler``: one on the network answers in well under.
+CONNECT_TIMEOUT_S = 5
+#: Environment variables a local cluster's nannies set before they start a worker process.
+PRE_SPAWN_ENVIRON = "distributed.nanny.pre-spawn-environ"
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,8 @@ def load_workflow(name_or_path: str | os.PathLike[str]) -> Workflow:
     return workflow
 
 
-def _local_cluster(workflow: Workflow):
+def _local_cluster(workflow: Workflow, verbose: bool = False):
+    import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
     cpu_workers = workflow.workers or max(1, (os.cpu_count() or 1) // workflow.threads_per_worker)
@@ -96,7 +101,14 @@ def _local_cluster(workflow: Workflow):
         gpu_options = {**options, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}
         workers[f"gpu-{i}"] = {"cls": Nanny, "options": gpu_options}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40, name=workflow.name)
+    # Workers set up their logging when they import distributed, before any option reaches
+    # them: only their environment at spawn can quiet their start-up and shut-down messages.
+    # Here, nannies warn when they kill a worker slow to stop at the end: routine, so errors only.
+    workers_level, own_level = ("INFO", "INFO") if verbose else ("WARNING", "ERROR")
+    with dask.config.set({f"{PRE_SPAWN_ENVIRON}.DASK_LOGGING__DISTRIBUTED": workers_level}):
+        return SpecCluster(
+            workers=workers, scheduler=scheduler, silence_logs=own_level, name=workflow.name
+        )
 
 
 def _slurm_cluster(workflow: Workflow):
@@ -112,17 +124,42 @@ def _slurm_cluster(workflow: Workflow):
 
 
 @contextmanager
-def dask_client(workflow: Workflow, scheduler: str | None = None) -> Iterator[Any]:
-    """A ``distributed.Client`` on the workflow's cluster, or on ``scheduler`` when given."""
+def dask_client(
+    workflow: Workflow, scheduler: str | None = None, verbose: bool = False
+) -> Iterator[Any]:
+    """A ``distributed.Client`` on the workflow's cluster, or on ``scheduler`` when given.
+
+    The cluster's informational log messages are shown only when ``verbose``.
+
+    Raises
+    ------
+    InputError
+        When ``scheduler`` is not an address or does not answer within
+        :data:`CONNECT_TIMEOUT_S` seconds.
+    """
     from distributed import Client
 
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except (OSError, ValueError) as error:  # a timeout is an OSError
+            raise InputError(scheduler, f"cannot reach the Dask scheduler: {error}") from error
+        with client:
             yield client
         return
-    build = _slurm_cluster if workflow.kind == "slurm" else _local_cluster
-    with build(workflow) as cluster, Client(cluster) as client:
+    if workflow.kind == "slurm":
+        cluster = _slurm_cluster(workflow)
+    else:
+        cluster = _local_cluster(workflow, verbose)
+    client = Client(cluster)
+    try:
         yield client
+    finally:
+        # On a loaded machine a nanny can time out waiting for its worker to stop, after all
+        # the work is published: that must not fail the run. Leftover workers die with us.
+        with suppress(TimeoutError):
+            client.close()
+            cluster.close()
 
 
 def has_gpu_workers(client: Any) -> bool:

@@ -18,6 +18,7 @@ the others go on. A worker that dies is replaced by its nanny and its tasks reru
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,21 +29,21 @@ from typing import Any
 import zarr
 from distributed import Client, Future, WorkerPlugin, as_completed, worker_client
 
+from wsi_pipeline.core.errors import InputError
+from wsi_pipeline.core.files import exclusive_folder
 from wsi_pipeline.image.slide import Slide, open_slide, slide_checksum, slide_stem
 from wsi_pipeline.model.cards import ClassifierCard, resolve_card
 from wsi_pipeline.model.classify import get_classifier
 from wsi_pipeline.results.cohort import cohort_row
-from wsi_pipeline.results.store import store_path
+from wsi_pipeline.results.geojson import read_result_key as geojson_result_key
+from wsi_pipeline.results.report import read_result_key as report_result_key
 from wsi_pipeline.run.cluster import has_gpu_workers
 from wsi_pipeline.run.options import RunOptions
-from wsi_pipeline.run.publish import write_outputs
+from wsi_pipeline.run.publish import output_paths, result_key, write_outputs
 from wsi_pipeline.run.stages import SlidePlan, TileCells, classify_cells, detect_tiles, plan_slide
 from wsi_pipeline.run.tuning import tune_malloc
 
 TILES_PER_TASK = 4
-# Parameters that change how fast results come, not what they are: a rerun with other values
-# reuses complete stores.
-RESULT_NEUTRAL = ("device", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -60,35 +61,59 @@ def _open(path: str, mpp: float | None) -> Slide:
     return slide
 
 
-def _result_key(options: RunOptions) -> dict[str, Any]:
-    return {k: v for k, v in options.as_dict().items() if k not in RESULT_NEUTRAL}
-
-
-def _reusable(store: Path, checksum: str, card: ClassifierCard, options: RunOptions) -> bool:
-    """Whether a complete store holds the result of this input, classifier and parameters."""
+def _reusable(paths: dict[str, Path], key: str) -> bool:
+    """Whether a complete store and the GeoJSON and report beside it all hold the result
+    ``key`` (see :func:`~wsi_pipeline.run.publish.result_key`): other parameters, another card,
+    a changed slide or a run killed between publishing its files all give other keys."""
     try:
-        attrs: dict[str, Any] = zarr.open_group(store, mode="r").attrs.asdict()
+        attrs: dict[str, Any] = zarr.open_group(paths["store"], mode="r").attrs.asdict()
     except (FileNotFoundError, ValueError, KeyError, OSError):
         return False
-    stored = {k: v for k, v in attrs.get("parameters", {}).items() if k not in RESULT_NEUTRAL}
     return (
         attrs.get("status") == "complete"
-        and attrs.get("slide", {}).get("sha256") == checksum
-        and attrs.get("classifier", {}).get("weights", {}).get("sha256")
-        == [w.sha256 for w in card.weights]
-        and stored == _result_key(options)
+        and attrs.get("result_key") == key
+        and geojson_result_key(paths["geojson"]) == key
+        and report_result_key(paths["report"]) == key
     )
 
 
-def prepare(path: str, out: str, card: ClassifierCard, options: RunOptions) -> SlidePlan | Reused:
+def output_stems(slides: Sequence[Path]) -> dict[Path, str]:
+    """The name of each slide's outputs: its stem, or, where two slides share a stem (``a/x.svs``
+    and ``b/x.svs``), its path below the slides' common folder with ``/`` as ``__``
+    (``a__x``), so that no slide's outputs overwrite another's.
+
+    Raises
+    ------
+    InputError
+        When two slides would still share a name.
+    """
+    stems = {path: slide_stem(path) for path in slides}
+    repeated = {s for s in stems.values() if list(stems.values()).count(s) > 1}
+    if repeated:
+        root = Path(os.path.commonpath([p.parent for p in slides]))
+        for path, stem in stems.items():
+            if stem in repeated:
+                stems[path] = "__".join((*path.parent.relative_to(root).parts, stem))
+    names = list(stems.values())
+    clash = next((p for p, s in stems.items() if names.count(s) > 1), None)
+    if clash is not None:
+        raise InputError(
+            clash, f"another slide's outputs would have the same name {stems[clash]!r}"
+        )
+    return stems
+
+
+def prepare(
+    path: str, stem: str, out: str, card: ClassifierCard, options: RunOptions
+) -> SlidePlan | Reused:
     """Open, checksum and plan one slide, or find that its result already exists."""
     start = time.perf_counter()
     slide = _open(path, options.mpp)
     checksum = slide_checksum(path)
-    store = store_path(out, slide_stem(path))
-    if _reusable(store, checksum, card, options):
-        return Reused(store)
-    plan = plan_slide(slide, card, options, checksum=checksum)
+    paths = output_paths(Path(out), stem, options.gzip_geojson)
+    if _reusable(paths, result_key(checksum, card, options)):
+        return Reused(paths["store"])
+    plan = plan_slide(slide, card, options, checksum=checksum, stem=stem)
     plan.timings["open"] = time.perf_counter() - start - plan.timings["plan"]
     return plan
 
@@ -177,61 +202,69 @@ def run_cohort(
         A :func:`cohort_row`, in the order slides finish.
     """
     card = resolve_card(card or options.classifier)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = has_gpu_workers(client)
-    client.register_plugin(ClassifierPlugin(card, options, gpu))
-    target = str(out)
-    by_future: dict[Future, tuple[Path, str]] = {}
-    pending = as_completed()
-    for rank, path in enumerate(slides):
-        future = client.submit(
-            prepare, str(path), target, card, options, pure=False, priority=-3 * rank
-        )
-        by_future[future] = (path, "prepare")
-        pending.add(future)
-    datasets: dict[Path, str] = {}  # each slide's classified groups, published until aggregated
+    stems = output_stems(slides)
+    with exclusive_folder(out):  # refuses at once when another run writes there
+        gpu = has_gpu_workers(client)
+        client.register_plugin(ClassifierPlugin(card, options, gpu))
+        target = str(out)
+        by_future: dict[Future, tuple[Path, str]] = {}
+        pending = as_completed()
+        for rank, path in enumerate(slides):
+            future = client.submit(
+                prepare,
+                str(path),
+                stems[path],
+                target,
+                card,
+                options,
+                pure=False,
+                priority=-3 * rank,
+            )
+            by_future[future] = (path, "prepare")
+            pending.add(future)
+        datasets: dict[Path, str] = {}  # each slide's classified groups, published until aggregated
 
-    for future in pending:
-        path, step = by_future.pop(future)
-        rank = slides.index(path)
-        try:
-            result = future.result()
-        except Exception as error:  # a slide's failure is reported, never fatal to the batch
-            _unpublish(client, datasets.pop(path, None))
-            yield cohort_row(path, "failed", reason=_failure(error))
-            continue
-        if step == "aggregate":
-            _unpublish(client, datasets.pop(path, None))
-            yield cohort_row(path, "complete", Path(result))
-        elif isinstance(result, Reused):
-            yield cohort_row(path, "reused", result.store)
-        else:
-            classified = []
-            for start in range(0, len(result.tiles), TILES_PER_TASK):
-                group = result.tiles[start : start + TILES_PER_TASK]
-                cells = client.submit(
-                    detect,
-                    str(path),
-                    card,
-                    options,
-                    group,
-                    result.threshold,
-                    priority=-3 * rank + 1,
-                )
-                classified.append(
-                    client.submit(
-                        classify,
-                        cells,
+        for future in pending:
+            path, step = by_future.pop(future)
+            rank = slides.index(path)
+            try:
+                result = future.result()
+            except Exception as error:  # a slide's failure is reported, never fatal to the batch
+                _unpublish(client, datasets.pop(path, None))
+                yield cohort_row(path, "failed", reason=_failure(error))
+                continue
+            if step == "aggregate":
+                _unpublish(client, datasets.pop(path, None))
+                yield cohort_row(path, "complete", Path(result))
+            elif isinstance(result, Reused):
+                yield cohort_row(path, "reused", result.store)
+            else:
+                classified = []
+                for start in range(0, len(result.tiles), TILES_PER_TASK):
+                    group = result.tiles[start : start + TILES_PER_TASK]
+                    cells = client.submit(
+                        detect,
+                        str(path),
                         card,
                         options,
-                        resources={"GPU": 1} if gpu else None,
-                        priority=-3 * rank + 2,
+                        group,
+                        result.threshold,
+                        priority=-3 * rank + 1,
                     )
+                    classified.append(
+                        client.submit(
+                            classify,
+                            cells,
+                            card,
+                            options,
+                            resources={"GPU": 1} if gpu else None,
+                            priority=-3 * rank + 2,
+                        )
+                    )
+                datasets[path] = f"wsi-pipeline-{future.key}"
+                client.publish_dataset(classified, name=datasets[path])
+                final = client.submit(
+                    aggregate, future, datasets[path], card, options, target, priority=-3 * rank
                 )
-            datasets[path] = f"wsi-pipeline-{future.key}"
-            client.publish_dataset(classified, name=datasets[path])
-            final = client.submit(
-                aggregate, future, datasets[path], card, options, target, priority=-3 * rank
-            )
-            by_future[final] = (path, "aggregate")
-            pending.add(final)
+                by_future[final] = (path, "aggregate")
+                pending.add(final)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from wsi_pipeline.core.files import exclusive_folder
 from wsi_pipeline.core.prefetch import prefetch
 from wsi_pipeline.image.slide import Slide
 from wsi_pipeline.image.tiles import Tile
@@ -63,29 +64,30 @@ def run_slide(
     -------
     SlideRun
     """
-    tune_malloc()
-    card = resolve_card(card or options.classifier)
-    classifier = get_classifier(card, options.device, options.batch_size)
-    plan = plan_slide(slide, card, options)
-    bar = tqdm(total=len(plan.tiles), desc="detect+classify", unit="tile", disable=not progress)
+    with exclusive_folder(out_dir):  # refuses at once when another run writes there
+        tune_malloc()
+        card = resolve_card(card or options.classifier)
+        classifier = get_classifier(card, options.device, options.batch_size)
+        plan = plan_slide(slide, card, options)
+        bar = tqdm(total=len(plan.tiles), desc="detect+classify", unit="tile", disable=not progress)
 
-    def detect(tile: Tile) -> TileCells:
-        return detect_tiles(slide, [tile], card, plan.threshold)
+        def detect(tile: Tile) -> TileCells:
+            return detect_tiles(slide, [tile], card, plan.threshold)
 
-    def classify(cells: TileCells) -> TileCells:
-        return classify_cells(classifier, cells, options.tta)
+        def classify(cells: TileCells) -> TileCells:
+            return classify_cells(classifier, cells, options.tta)
 
-    def classified() -> Generator[TileCells, None, None]:
-        counted = 0
-        ahead = prefetch(detect, plan.tiles, PREFETCH_TILES, keep_opencv_on_this_thread)
-        # One forward pass a batch, each worker taking the next batch when it is done.
-        batches = batched(ahead, classifier.pass_size, bar.update)
-        for batch in classifier.stream(classify, batches):
-            counted += len(batch)
-            bar.set_postfix(cells=counted)
-            yield batch
-        bar.close()
+        def classified() -> Generator[TileCells, None, None]:
+            counted = 0
+            ahead = prefetch(detect, plan.tiles, PREFETCH_TILES, keep_opencv_on_this_thread)
+            # One forward pass a batch, each worker taking the next batch when it is done.
+            batches = batched(ahead, classifier.pass_size, bar.update)
+            for batch in classifier.stream(classify, batches):
+                counted += len(batch)
+                bar.set_postfix(cells=counted)
+                yield batch
+            bar.close()
 
-    # Closed on any error, so the classifier's workers stop and torch gets its threads back.
-    with restoring_opencv_threads(), closing(classified()) as batches:
-        return write_outputs(plan, batches, classifier, options, out_dir)
+        # Closed on any error, so the classifier's workers stop and torch gets its threads back.
+        with restoring_opencv_threads(), closing(classified()) as batches:
+            return write_outputs(plan, batches, classifier, options, out_dir)

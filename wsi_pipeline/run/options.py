@@ -11,6 +11,8 @@ SALIENCY_METHODS = ("gradcam", "smoothgrad")
 DEFAULT_CELLS_PER_CLASS = 8  # most confident cells explained per class: one mosaic row
 #: --region choice -> countability classes of wsi_pipeline.image.regions counted in
 REGION_CHOICES = {"monolayer": ("monolayer",), "all": ("sparse", "monolayer", "thick")}
+#: --on-bad-tile choices: leave a tile that cannot be decoded out of the count, or stop the run
+BAD_TILE_CHOICES = ("skip", "stop")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class RunOptions:
         Dihedral test-time transforms averaged (0: none).
     gzip_geojson : bool
         Write ``.geojson.gz`` instead of ``.geojson``.
+    on_bad_tile : str
+        A tile whose pixels cannot be decoded is left out of the count and recorded (``skip``),
+        or stops the run (``stop``); see :data:`BAD_TILE_CHOICES`.
     """
 
     classifier: str = "default"
@@ -55,10 +60,15 @@ class RunOptions:
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     tta: int = 0
     gzip_geojson: bool = False
+    on_bad_tile: str = "skip"
 
     def __post_init__(self) -> None:
         if self.region not in REGION_CHOICES:
             raise ValueError(f"region must be one of {sorted(REGION_CHOICES)}, got {self.region}")
+        if self.on_bad_tile not in BAD_TILE_CHOICES:
+            raise ValueError(
+                f"on_bad_tile must be one of {BAD_TILE_CHOICES}, got {self.on_bad_tile}"
+            )
         unknown = set(self.saliency) - set(SALIENCY_METHODS)
         if unknown:
             raise ValueError(f"unknown saliency methods {sorted(unknown)}")

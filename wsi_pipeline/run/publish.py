@@ -3,35 +3,44 @@ explain the most confident cells, count, and publish every output."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from wsi_pipeline.core.errors import SlideError
 from wsi_pipeline.model import explain
+from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
 from wsi_pipeline.results.counts import Differential, differential
 from wsi_pipeline.results.geojson import GeoJSONWriter, hex_to_rgb
 from wsi_pipeline.results.report import write_report
 from wsi_pipeline.results.store import ResultWriter
 from wsi_pipeline.run.options import RunOptions
-from wsi_pipeline.run.stages import SlidePlan, TileCells, stage_timer
+from wsi_pipeline.run.stages import SlidePlan, TileCells, stage_timer, unreadable_warning
 from wsi_pipeline.run.tuning import lower_own_priority
 
 __all__ = ["ExplainedCells", "SlideRun", "explain_cells", "output_paths", "write_outputs"]
 
 #: Classified batches queued for writing before the classifier waits (one forward pass each).
 WRITES_AHEAD = 8
+#: Parameters that change how fast results come, or whether a run stops, not what a complete
+#: result is.
+RESULT_NEUTRAL = ("device", "batch_size", "on_bad_tile")
 
 
 @dataclass
 class SlideRun:
-    """What one run produced."""
+    """What one run produced; ``unreadable_tiles`` as in :class:`TileCells`."""
 
     store: Path
     geojson: Path
@@ -39,6 +48,7 @@ class SlideRun:
     mosaics: Path
     differential: Differential
     timings: dict[str, float] = field(default_factory=dict)
+    unreadable_tiles: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ExplainedCells:
@@ -64,16 +74,36 @@ class ExplainedCells:
 def explain_cells(
     classifier: Classifier, chosen: ExplainedCells, methods: tuple[str, ...]
 ) -> dict[str, NDArray[np.float32]]:
-    """Raw saliency maps of the chosen cells for each method (first ensemble member)."""
+    """Raw saliency maps of the chosen cells for each method (first ensemble member).
+
+    Saliency runs on a private copy of the network: Grad-CAM hooks its target layer, and the
+    shared model of a worker classifies and explains other slides on other threads meanwhile.
+    """
     if chosen.crops is None or not len(chosen.index) or not methods:
         return {}
-    model, card = classifier.models[0], classifier.card
+    model, card = copy.deepcopy(classifier.models[0]), classifier.card
     norm = {"mean": card.model.mean, "std": card.model.std}
     compute: dict[str, Callable[..., NDArray[np.float32]]] = {
         "gradcam": explain.gradcam,
         "smoothgrad": explain.smoothgrad,
     }
     return {m: compute[m](model, chosen.crops, chosen.top, **norm) for m in methods}
+
+
+def result_key(slide_sha256: str, card: ClassifierCard, options: RunOptions) -> str:
+    """What identifies one slide's result: the slide's checksum, the card's weights and every
+    parameter that changes the result (not :data:`RESULT_NEUTRAL`).
+
+    The store, the GeoJSON and the report each record it, so a resumed run can tell three
+    outputs of one result from a mixture left by an interrupted one.
+    """
+    parameters = {k: v for k, v in options.as_dict().items() if k not in RESULT_NEUTRAL}
+    document = {
+        "slide": slide_sha256,
+        "weights": [w.sha256 for w in card.weights],
+        "parameters": parameters,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
 def output_paths(out_dir: Path, stem: str, gzip_geojson: bool) -> dict[str, Path]:
@@ -117,7 +147,8 @@ def write_outputs(
     stage = stage_timer(timings)
     paths = output_paths(out_dir, plan.stem, options.gzip_geojson)
     chosen = ExplainedCells(options.saliency_cells)
-    attrs = plan.attrs
+    key = result_key(plan.attrs["slide"]["sha256"], card, options)
+    attrs = {**plan.attrs, "result_key": key}
     colours = {c.code: hex_to_rgb(c.colour) for c in card.classes}
     with (
         ResultWriter(out_dir, plan.stem, card.codes, card.model.input_size, attrs) as writer,
@@ -128,6 +159,7 @@ def write_outputs(
             region=plan.region,
             threshold=options.min_confidence,
             min_agreement=options.min_agreement,
+            result_key=key,
         ) as features,
         # Compressing chunks and encoding GeoJSON run on a low-priority thread, in order, in the
         # time the classifier leaves.
@@ -140,9 +172,14 @@ def write_outputs(
 
         writing: deque[Future[None]] = deque()
         counted = 0
+        unreadable: list[dict[str, Any]] = []
         for batch in batches:
             for name, seconds in batch.seconds.items():
                 timings[name] = timings.get(name, 0.0) + seconds
+            unreadable += batch.unreadable
+            if unreadable and options.on_bad_tile == "stop":
+                hint = "--on-bad-tile skip leaves such tiles out of the count"
+                raise SlideError(attrs["slide"]["path"], f"{unreadable[0]['problem']}; {hint}")
             if not len(batch):
                 continue
             with stage("write"):
@@ -179,6 +216,10 @@ def write_outputs(
                 agreement=agreement,
                 min_agreement=options.min_agreement,
             )
+            if unreadable:
+                warnings = (*result.warnings, unreadable_warning(unreadable))
+                result = replace(result, warnings=warnings)
+            writer.update_attrs(unreadable_tiles={"count": len(unreadable), "tiles": unreadable})
             writer.write_counts(result)
             _write_mosaics(writer, paths["mosaics"], mosaics)
             features.commit()
@@ -193,9 +234,12 @@ def write_outputs(
                 thumbnail_scale=plan.thumbnail_scale,
                 region=plan.region,
                 mosaics=mosaics,
+                result_key=key,
             )
+        # The store last: a complete store always has its GeoJSON and report beside it.
         store = writer.commit(timings)
-    return SlideRun(store, paths["geojson"], paths["report"], paths["mosaics"], result, timings)
+    outputs = (store, paths["geojson"], paths["report"], paths["mosaics"])
+    return SlideRun(*outputs, result, timings, unreadable)
 
 
 def _write_mosaics(

@@ -22,7 +22,7 @@ from wsi_pipeline.image.crops import crop_from_array
 from wsi_pipeline.image.detect import DetectParams, detect_cells, slide_threshold
 from wsi_pipeline.image.regions import CLASSES as REGION_CLASSES
 from wsi_pipeline.image.regions import score_regions
-from wsi_pipeline.image.slide import Slide, slide_checksum, slide_stem
+from wsi_pipeline.image.slide import Slide, UnreadableRegion, slide_checksum, slide_stem
 from wsi_pipeline.image.tiles import Tile, plan_tiles, region_rings
 from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
@@ -36,6 +36,7 @@ __all__ = [
     "detect_tiles",
     "plan_slide",
     "stage_timer",
+    "unreadable_warning",
 ]
 
 REGION_MPP = 4.0  # thumbnail resolution for finding the countable smear: red cells ~2 px
@@ -80,11 +81,16 @@ class SlidePlan:
 
 @dataclass
 class TileCells:
-    """A batch of cells: cell-table columns, their crops and the seconds spent on them per stage."""
+    """A batch of cells: cell-table columns, their crops and the seconds spent on them per stage.
+
+    ``unreadable`` records the tiles left out because their pixels cannot be decoded: one dict
+    per tile with its ``tile`` id, level-0 ``origin`` and the ``problem``.
+    """
 
     columns: dict[str, NDArray]
     crops: NDArray[np.uint8]
     seconds: dict[str, float] = field(default_factory=dict)
+    unreadable: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -100,23 +106,29 @@ class TileCells:
             {name: np.concatenate([p.columns[name] for p in parts]) for name in names},
             np.concatenate([p.crops for p in parts]),
             seconds,
+            [tile for part in parts for tile in part.unreadable],
         )
 
     def split(self, at: int) -> tuple[TileCells, TileCells]:
-        """The first ``at`` cells, with the seconds, and the rest."""
+        """The first ``at`` cells, with the seconds and the unreadable tiles, and the rest."""
         head = {name: column[:at] for name, column in self.columns.items()}
         tail = {name: column[at:] for name, column in self.columns.items()}
-        return TileCells(head, self.crops[:at], self.seconds), TileCells(tail, self.crops[at:])
+        first = TileCells(head, self.crops[:at], self.seconds, self.unreadable)
+        return first, TileCells(tail, self.crops[at:])
 
 
 def plan_slide(
-    slide: Slide, card: ClassifierCard, options: RunOptions, checksum: str | None = None
+    slide: Slide,
+    card: ClassifierCard,
+    options: RunOptions,
+    checksum: str | None = None,
+    stem: str | None = None,
 ) -> SlidePlan:
     """Checksum the slide (unless given), score the smear, lay out tiles at the card's
     resolution and learn the slide's stain threshold.
 
     The checksum is computed on a second thread while the rest is planned; the ``open`` timing
-    is the wait for it after planning.
+    is the wait for it after planning. ``stem`` names the outputs (default: the slide's stem).
     """
     timings: dict[str, float] = {}
     stage = stage_timer(timings)
@@ -149,7 +161,7 @@ def plan_slide(
         },
     }
     return SlidePlan(
-        stem=slide_stem(slide.info.path),
+        stem=stem or slide_stem(slide.info.path),
         attrs=attrs,
         tiles=tiles,
         region=region,
@@ -175,20 +187,34 @@ def _slide_threshold(slide: Slide, tiles: list[Tile]) -> float:
     if not tiles:
         return DetectParams().min_threshold
     picks = np.unique(np.linspace(0, len(tiles) - 1, THRESHOLD_SAMPLE_TILES).round().astype(int))
-    samples = [slide.read_region(tiles[i].origin, tiles[i].read_size, tiles[i].mpp) for i in picks]
-    return slide_threshold(samples, tiles[0].mpp)
+    samples = []
+    for i in picks:
+        try:
+            samples.append(slide.read_region(tiles[i].origin, tiles[i].read_size, tiles[i].mpp))
+        except UnreadableRegion:
+            continue  # detection records the tile
+    return slide_threshold(samples, tiles[0].mpp) if samples else DetectParams().min_threshold
 
 
 def detect_tiles(
     slide: Slide, tiles: Iterable[Tile], card: ClassifierCard, threshold: float
 ) -> TileCells:
-    """Read tiles, find their white cells, keep those each tile owns and crop them for the card."""
+    """Read tiles, find their white cells, keep those each tile owns and crop them for the card.
+
+    A tile whose pixels cannot be decoded is left out and recorded in ``unreadable``.
+    """
     start = time.perf_counter()
     params = DetectParams(threshold=threshold)
     size, fov = card.model.input_size, card.model.fov_um
     parts = []
+    unreadable: list[dict[str, Any]] = []
     for tile in tiles:
-        rgb = slide.read_region(tile.origin, tile.read_size, tile.mpp)
+        try:
+            rgb = slide.read_region(tile.origin, tile.read_size, tile.mpp)
+        except UnreadableRegion as error:
+            where = {"tile": tile.id, "origin": list(tile.origin)}
+            unreadable.append({**where, "problem": error.problem})
+            continue
         found = detect_cells(rgb, tile.mpp, tile.origin, params, level0_mpp=slide.mpp)
         found = found.select(tile.owns(found.x, found.y))
         found.tile_id[:] = tile.id
@@ -197,6 +223,7 @@ def detect_tiles(
         parts.append(TileCells(found.columns(), crops))
     cells = TileCells.concat(parts) if parts else _no_cells(size)
     cells.seconds = {"detect": time.perf_counter() - start}
+    cells.unreadable = unreadable
     return cells
 
 
@@ -221,7 +248,7 @@ def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> Ti
     }
     check_columns(columns, len(classifier.card.codes), required=field_names("detect", "classify"))
     seconds = {**cells.seconds, "classify": time.perf_counter() - start}
-    return TileCells(columns, cells.crops, seconds)
+    return TileCells(columns, cells.crops, seconds, cells.unreadable)
 
 
 def batched(
@@ -261,3 +288,14 @@ def stage_timer(timings: dict[str, float]) -> Callable[[str], Any]:
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
     return stage
+
+
+def unreadable_warning(unreadable: list[dict[str, Any]]) -> str:
+    """One line on the tiles left out because they cannot be decoded (see :class:`TileCells`)."""
+    shown = 3
+    where = ", ".join(f"({x}, {y})" for x, y in (t["origin"] for t in unreadable[:shown]))
+    more = f" and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+    return (
+        f"{len(unreadable)} unreadable tile{'s' if len(unreadable) > 1 else ''} left out of the "
+        f"count: corrupt image data at level-0 {where}{more}"
+    )
