@@ -161,8 +161,8 @@ def test_folder_runs_killed_at_random_points_never_lose_or_mix_outputs(
     folder, untrained_card, tmp_path
 ):
     """20 runs killed at random moments, each resuming the last; after every kill the
-    published outputs agree, and every fifth run is let finish: each slide is then complete
-    exactly once."""
+    published outputs agree, and after the tenth and the twentieth a run is let finish: each
+    slide is then complete exactly once."""
     out = tmp_path / "out"
     command = [WSI_RUN, folder, "--out", out, "--classifier", untrained_card, "--saliency", "none"]
     started = time.perf_counter()
@@ -178,7 +178,7 @@ def test_folder_runs_killed_at_random_points_never_lose_or_mix_outputs(
         if process.poll() is None:
             _kill_tree(process)
         check_outputs_agree(out)
-        if kill % 5 == 4:
+        if kill % 10 == 9:
             done = run_folder(folder, out, untrained_card)
             assert done.returncode == 0, done.stderr
             table = pd.read_csv(out / "cohort.csv")
