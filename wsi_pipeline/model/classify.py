@@ -250,20 +250,8 @@ class Classifier:
         return Prediction(probabilities, agreement)
 
     def predict_proba(self, crops: NDArray[np.uint8], tta: int = 0) -> NDArray[np.float32]:
-        """Class probabilities of crops (:meth:`predict` without the agreement).
-
-        Parameters
-        ----------
-        crops : ndarray of uint8, shape (N, S, S, 3)
-            Crops of the card's field of view at its input size ``S``.
-        tta : int
-            Number of dihedral test-time transforms averaged (0 or 1: none; 8: all flips and
-            90° rotations).
-
-        Returns
-        -------
-        ndarray of float32, shape (N, n_classes)
-        """
+        """Class probabilities of crops, (N, n_classes) float32: :meth:`predict` (same
+        parameters) without the agreement."""
         return self.predict(crops, tta).probabilities
 
 
