@@ -33,9 +33,12 @@ def tiny_card(tmp_path, tiny_card_toml):
 def test_shipped_cards_load_by_name_with_their_classes():
     assert {"default", "synthetic-demo", "efficientnetv2", "resnext50"} <= set(list_cards())
     default = load_card("default")
-    assert default.codes == ("BAS", "EBO", "EOS", "LYT", "MMZ", "MON", "MYB", "NGB", "NGS", "PMO")
-    assert default.mpp == pytest.approx(32 / 96)
-    assert "BLA" in default.cannot_recognise and "PLM" in default.cannot_recognise
+    assert default.codes == (
+        "BLA", "PMO", "MYB", "MMZ", "NGB", "NGS", "EOS", "BAS", "MON", "LYT", "EBO", "ART", "NIF"
+    )  # fmt: skip
+    assert default.mpp == pytest.approx(20 / 96)
+    assert "PLM" in default.cannot_recognise and "BLA" not in default.cannot_recognise
+    assert default.model.temperature == default.provenance["calibration"]["temperature"] != 1
     assert "not for diagnosis" in default.caveat
     assert "CC BY 4.0" in default.provenance["licence"]
 

@@ -203,7 +203,8 @@ def test_real_he_slides_complete_and_say_what_they_found(shared_data, tmp_path, 
     stem = name.removesuffix(".svs")
     summary = read_summary(tmp_path / f"{stem}.zarr")
     counts = summary["counts"]
-    assert counts["blast_percent"] is None  # the default card has no blast class
+    # The default card recognises blasts; plasma cells and proerythroblasts it cannot.
+    assert counts["blast_percent"] is not None or counts["countable"] == 0
     assert any("not assessable" in flag for flag in counts["flags"])
     if counts["countable"] < 500:
         assert any("500" in warning for warning in counts["warnings"])
