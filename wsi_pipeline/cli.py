@@ -298,9 +298,9 @@ def run(
 
     options = RunOptions(mpp=mpp, **settings)
     slides = find_slides(slide)
-    _check_writable(out)
     # Held before anything loads: a second run into OUT is refused at once.
     with exclusive_folder(out):
+        _check_writable(out)
         if scheduler or workflow or slides != [slide]:
             spec = workflow or DEFAULT_WORKFLOW
             _run_on_cluster(slides, out, options, scheduler, spec, verbose)
@@ -313,16 +313,13 @@ PROBE_BYTES = 2**20
 
 
 def _check_writable(out: Path) -> None:
-    """Write a probe file in OUT, and leave no trace: refuse an unwritable folder or a full disk."""
-    created = not out.exists()
+    """Write a probe file in OUT (which exists: the run holds it), and leave no trace: refuse an
+    unwritable folder or a full disk."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out) as probe:  # unnamed: gone when closed
             probe.write(bytes(PROBE_BYTES))
             probe.flush()
             os.fsync(probe.fileno())
-        if created:
-            out.rmdir()
     except OSError as error:
         raise InputError(out, f"cannot write into the output folder: {error.strerror}") from error
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -88,14 +89,14 @@ def output_stems(slides: Sequence[Path]) -> dict[Path, str]:
         When two slides would still share a name.
     """
     stems = {path: slide_stem(path) for path in slides}
-    repeated = {s for s in stems.values() if list(stems.values()).count(s) > 1}
+    repeated = {s for s, n in Counter(stems.values()).items() if n > 1}
     if repeated:
         root = Path(os.path.commonpath([p.parent for p in slides]))
         for path, stem in stems.items():
             if stem in repeated:
                 stems[path] = "__".join((*path.parent.relative_to(root).parts, stem))
-    names = list(stems.values())
-    clash = next((p for p, s in stems.items() if names.count(s) > 1), None)
+    names = Counter(stems.values())
+    clash = next((p for p, s in stems.items() if names[s] > 1), None)
     if clash is not None:
         raise InputError(
             clash, f"another slide's outputs would have the same name {stems[clash]!r}"
