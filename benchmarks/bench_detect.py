@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.image.detect import DetectedCells, DetectParams, detect_cells, slide_threshold
+from wsi_pipeline.image.detect import DetectedCells, detect_cells, slide_params
 from wsi_pipeline.image.slide import open_slide
 from wsi_pipeline.image.tiles import plan_tiles
 from wsi_pipeline.synth.smear import match_ground_truth, write_synthetic_slide
 
 TILE_MPP, TILE_SIZE, OVERLAP_UM = 1 / 3, 1024, 32.0
-THRESHOLD_SAMPLE_TILES = 8  # as the pipeline: the threshold is learned once per slide
+STAIN_SAMPLE_TILES = 8  # as the pipeline: the threshold is learned once per slide
 
 
 def match_truth(truth: np.ndarray, cells: DetectedCells, mpp: float) -> int:
@@ -45,11 +45,11 @@ def run_one(size: int, seed: int) -> dict:
         found, start = [], time.perf_counter()
         with open_slide(path) as slide:
             tiles = plan_tiles(slide.info.dimensions, slide.mpp, TILE_MPP, TILE_SIZE, OVERLAP_UM)
-            picks = np.linspace(0, len(tiles) - 1, THRESHOLD_SAMPLE_TILES).round().astype(int)
+            picks = np.linspace(0, len(tiles) - 1, STAIN_SAMPLE_TILES).round().astype(int)
             samples = [
                 slide.read_region(tiles[i].origin, tiles[i].read_size, TILE_MPP) for i in picks
             ]
-            params = DetectParams(threshold=slide_threshold(samples, TILE_MPP))
+            params = slide_params(samples, TILE_MPP)
             del samples
             detect_seconds = 0.0
             for tile in tiles:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from wsi_pipeline.image.detect import (
     _link,
     detect_cells,
     learn_threshold,
-    slide_threshold,
+    slide_params,
 )
 from wsi_pipeline.image.slide import open_slide
 from wsi_pipeline.image.stain import nuclear_stain
@@ -33,9 +34,11 @@ from wsi_pipeline.synth.smear import CLASS_MIX, match_ground_truth, write_synthe
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bccd_module():
-    spec = importlib.util.spec_from_file_location("bccd", REPO / "benchmarks" / "bccd_detection.py")
+def _detection_benchmark():
+    path = REPO / "benchmarks" / "detection.py"
+    spec = importlib.util.spec_from_file_location("detection_benchmark", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -48,13 +51,20 @@ def synthetic(tmp_path_factory):
     return path, rows
 
 
-def test_bccd_recall_and_precision(shared_data):
-    bccd = _bccd_module()
-    result = bccd.evaluate(shared_data / "bccd", DetectParams())
-    print(json.dumps({k: result[k] for k in ("recall", "precision", "wbc_boxes")}))
-    assert result["images"] == 292
-    assert result["recall"] >= 0.98
-    assert result["precision"] >= 0.97
+@pytest.mark.parametrize(
+    ("dataset", "images", "recall", "precision"),
+    # Two labs, two stains: BCCD's violet nuclei and pink red cells; Raabin-WBC's magenta
+    # nuclei, lavender red cells and often yellow glass. One detector, stain estimated per image.
+    [("bccd", 292, 0.98, 0.97), ("raabin", 350, 0.95, 0.93)],
+)
+def test_real_smears_of_two_labs(shared_data, dataset, images, recall, precision):
+    result = _detection_benchmark().evaluate(shared_data, dataset)
+    print(json.dumps({k: result[k] for k in ("recall", "precision", "mean_cell_box_iou")}))
+    assert result["images"] == images
+    assert result["recall"] >= recall
+    assert result["precision"] >= precision
+    # Whole cells, not nuclei: the outline's box overlaps the expert's white-cell box.
+    assert result["mean_cell_box_iou"] >= 0.75
 
 
 def test_nuclear_stain_separates_nuclei_from_red_cells_and_glass():
@@ -108,7 +118,15 @@ def test_one_synthetic_cell_found_where_it_is(synthetic):
     assert x_a <= cells.x[nearest] < x_b and y_a <= cells.y[nearest] < y_b
     contour = cells.contour[nearest]
     assert contour.shape == (CONTOUR_VERTICES, 2) and contour.dtype == np.float32
-    assert 15 <= cells.area_um2[nearest] <= 400 and 0 <= cells.score[nearest] < 1
+    assert 0 <= cells.score[nearest] < 1
+    # The whole cell, not its nucleus: within a third of the true cell's area.
+    true_area = np.pi * (cell["diameter_um"] / 2) ** 2
+    assert abs(cells.cell_area_um2[nearest] / true_area - 1) < 1 / 3
+    assert 0 < cells.nucleus_area_um2[nearest] < cells.cell_area_um2[nearest]
+    assert cells.nc_ratio[nearest] == pytest.approx(
+        cells.nucleus_area_um2[nearest] / cells.cell_area_um2[nearest], rel=1e-5
+    )
+    assert 0.5 < cells.circularity[nearest] <= 1 and not cells.edge[nearest]
 
 
 def _detect_tiled(rgb: np.ndarray, mpp: float, tile_size: int, overlap_um: float) -> DetectedCells:
@@ -155,7 +173,7 @@ def _synthetic_matches(folder: Path, seed: int) -> tuple[np.ndarray, int, int]:
         mpp = 1 / 3
         tiles = plan_tiles(slide.info.dimensions, slide.mpp, mpp, 1024, 32.0)
         images = [slide.read_region(t.origin, t.read_size, mpp) for t in tiles]
-        params = DetectParams(threshold=slide_threshold(images, mpp))
+        params = slide_params(images, mpp)
         found = []
         for tile, rgb in zip(tiles, images, strict=True):
             cells = detect_cells(rgb, mpp, tile.origin, params, slide.mpp)
@@ -175,5 +193,8 @@ def test_synthetic_recall_and_precision(tmp_path):
     recall, precision = matched / len(classes), matched / sum(n for _, _, n in results)
     print(json.dumps({"cells": len(classes), "recall": recall, "precision": precision}))
     assert set(classes) == set(CLASS_MIX)
-    assert recall >= 0.97
-    assert precision >= 0.97
+    # 0.971 and 0.973 with the fixed reference stain these slides are drawn in; estimating the
+    # stain per slide (two stains and what neither explains) lets some blue cytoplasm into the
+    # chromatin channel, and a few touching pairs merge: the price of holding on other labs.
+    assert recall >= 0.95
+    assert precision >= 0.95

@@ -9,6 +9,7 @@ import uuid
 
 import numpy as np
 import pytest
+import shapely.geometry
 
 from wsi_pipeline.core.taxonomy import cell_class
 from wsi_pipeline.results.geojson import UNCERTAIN_CLASS, GeoJSONWriter, hex_to_rgb, write_geojson
@@ -27,10 +28,15 @@ def cell_batches(n_batches: int, n: int, seed: int = 0):
         centres = rng.uniform(100, 3900, (n, 1, 2))
         yield {
             "contour": (circle[None] + centres).astype(np.float32),
+            "nucleus_contour": (circle[None] / 2 + centres).astype(np.float32),
             "top_class": probabilities.argmax(1).astype(np.int16),
             "confidence": probabilities.max(1),
             "probabilities": probabilities,
-            "area_um2": np.full(n, 113.1, np.float32),
+            "cell_area_um2": np.full(n, 113.1, np.float32),
+            "nucleus_area_um2": np.full(n, 28.3, np.float32),
+            "nc_ratio": np.full(n, 0.25, np.float32),
+            "circularity": np.full(n, 0.98, np.float32),
+            "edge": np.arange(n) % 2 == 0,
         }
 
 
@@ -71,15 +77,23 @@ def test_every_feature_follows_qupath_rules(tmp_path, name):
     assert region["geometry"]["coordinates"][0][2] == [5000.0, 4000.0]
     for feature in cells:
         props = feature["properties"]
-        assert props["objectType"] == "detection"
+        assert props["objectType"] == "cell"
         assert feature["geometry"]["type"] == "Polygon"
         assert len(feature["geometry"]["coordinates"][0]) == 33
+        # QuPath reads a cell's nucleus beside its geometry, inside the cell.
+        nucleus = shapely.geometry.shape(feature["nucleusGeometry"])
+        assert shapely.geometry.shape(feature["geometry"]).contains(nucleus)
         measurements = props["measurements"]
         assert isinstance(measurements, dict)
         assert all(isinstance(v, float) for v in measurements.values())
-        assert set(measurements) == {"Confidence", "Area µm^2"} | {
-            f"Probability {c}" for c in CODES
-        }
+        assert set(measurements) == {
+            "Confidence",
+            "Cell: Area µm^2",
+            "Nucleus: Area µm^2",
+            "Nucleus/Cell area ratio",
+            "Cell: Circularity",
+            "Cut by image edge",
+        } | {f"Probability {c}" for c in CODES}
         name = props["classification"]["name"]
         if measurements["Confidence"] < 0.5:
             assert name == UNCERTAIN_CLASS

@@ -121,7 +121,7 @@ def test_geojson_and_report_beside_the_store(synthetic_run):
     features = json.loads(run.geojson.read_text())["features"]
     kinds = [f["properties"]["objectType"] for f in features]
     assert kinds.count("annotation") == 1
-    assert kinds.count("detection") == read_summary(run.store)["n_cells"]
+    assert kinds.count("cell") == read_summary(run.store)["n_cells"]
     page = run.report.read_text()
     assert 'id="differential"' in page and "synthetic-demo" in page
 

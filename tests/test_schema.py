@@ -41,7 +41,7 @@ def test_empty_columns_follow_the_declared_dtypes_and_shapes():
     ("change", "message"),
     [
         (lambda c: c.update(extra=np.zeros(3)), "not declared"),
-        (lambda c: c.update(area_um2=c["area_um2"].astype(np.float64)), "declared float32"),
+        (lambda c: c.update(nc_ratio=c["nc_ratio"].astype(np.float64)), "declared float32"),
         (lambda c: c.update(tile_id=c["tile_id"].astype(np.int64)), "declared int32"),
         (lambda c: c.update(bbox=np.zeros((3, 5), np.int64)), "shape"),
         (lambda c: c.update(x=np.zeros(2)), "has shape"),

@@ -91,17 +91,67 @@ CELL_FIELDS: tuple[CellField, ...] = (
         (CONTOUR_VERTICES, 2),
         "level-0 px",
         "detect",
-        "Closed outline as (x, y) vertices evenly spaced along it; the last joins the first.",
+        "Cell boundary (membrane) as (x, y) vertices evenly spaced along it; the last joins the "
+        "first.",
     ),
     CellField(
-        "area_um2",
+        "nucleus_contour",
+        "float32",
+        (CONTOUR_VERTICES, 2),
+        "level-0 px",
+        "detect",
+        "Nucleus boundary (all lobes together), as ``contour``.",
+    ),
+    CellField(
+        "cell_area_um2",
         "float32",
         (),
         "µm²",
         "detect",
-        "Area of the stained region of the cell.",
-        measurement="Area µm^2",
+        "Area of the whole cell, nucleus and cytoplasm.",
+        measurement="Cell: Area µm^2",
         decimals=3,
+    ),
+    CellField(
+        "nucleus_area_um2",
+        "float32",
+        (),
+        "µm²",
+        "detect",
+        "Area of the nucleus (the lobes of a segmented nucleus and the space between them).",
+        measurement="Nucleus: Area µm^2",
+        decimals=3,
+    ),
+    CellField(
+        "nc_ratio",
+        "float32",
+        (),
+        "",
+        "detect",
+        "Nucleus area over cell area, in (0, 1].",
+        measurement="Nucleus/Cell area ratio",
+        decimals=3,
+    ),
+    CellField(
+        "circularity",
+        "float32",
+        (),
+        "",
+        "detect",
+        "4 pi area / perimeter² of the cell boundary: 1 for a circle.",
+        measurement="Cell: Circularity",
+        decimals=3,
+    ),
+    CellField(
+        "edge",
+        "bool",
+        (),
+        "",
+        "detect",
+        "The cell is cut by the edge of the image it was found in (a single image's border, or "
+        "a slide's); counted all the same.",
+        measurement="Cut by image edge",
+        decimals=0,
     ),
     CellField(
         "tile_id", "int32", (), "", "detect", "Tile that counted the cell (-1: not assigned)."
@@ -142,7 +192,17 @@ _BY_NAME = {f.name: f for f in CELL_FIELDS}
 
 #: The fields exported as QuPath measurements, in the order they are written.
 MEASURED_FIELDS: tuple[CellField, ...] = tuple(
-    _BY_NAME[name] for name in ("confidence", "agreement", "area_um2", "probabilities")
+    _BY_NAME[name]
+    for name in (
+        "confidence",
+        "agreement",
+        "cell_area_um2",
+        "nucleus_area_um2",
+        "nc_ratio",
+        "circularity",
+        "edge",
+        "probabilities",
+    )
 )
 
 

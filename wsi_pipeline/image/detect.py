@@ -27,6 +27,7 @@ so no step loops over cells in Python.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, cast
@@ -44,7 +45,14 @@ from wsi_pipeline.core.schema import (
     empty_columns,
     field_names,
 )
-from wsi_pipeline.image.stain import block_density, unmix_nuclear
+from wsi_pipeline.image.segment import SegmentParams, label_boxes, segment_cells
+from wsi_pipeline.image.stain import (
+    REFERENCE_STAIN,
+    StainModel,
+    block_density,
+    estimate_stain,
+    unmix_nuclear,
+)
 
 __all__ = [
     "DetectedCells",
@@ -52,7 +60,7 @@ __all__ = [
     "detect_cells",
     "learn_threshold",
     "resample_ring",
-    "slide_threshold",
+    "slide_params",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -66,6 +74,9 @@ class DetectParams:
     ----------
     work_mpp : float
         Microns per pixel at which cells are found (crops are taken at full resolution).
+    stain : StainModel or None
+        The slide's stain (:func:`~wsi_pipeline.image.stain.estimate_stain`); ``None``
+        estimates it from the image.
     threshold : float or None
         Nuclear-stain optical-density threshold; ``None`` learns it from the image.
     noise_sigmas : float
@@ -100,9 +111,12 @@ class DetectParams:
         promyelocytes and monocytes); clusters of cytoplasmic granules stay smaller.
     granule_factor : float
         Granular (eosinophil) areas unmix below ``-granule_factor * threshold``.
+    segment : SegmentParams
+        How each nucleus is grown to its cell (:func:`~wsi_pipeline.image.segment.segment_cells`).
     """
 
     work_mpp: float = 0.6
+    stain: StainModel | None = None
     threshold: float | None = None
     noise_sigmas: float = 5.0
     min_threshold: float = 0.5
@@ -118,11 +132,13 @@ class DetectParams:
     link_um: float = 7.0
     seed_area_um2: float = 45.0
     granule_factor: float = 2.0
+    segment: SegmentParams = SegmentParams()
 
     @property
     def max_diameter_um(self) -> float:
-        """Diameter of a round cell of ``max_area_um2``: the least useful tile overlap."""
-        return 2.0 * float(np.sqrt(self.max_area_um2 / np.pi))
+        """Diameter of a round nucleus of ``max_area_um2`` with the widest rim of cytoplasm:
+        the least useful tile overlap."""
+        return 2.0 * (float(np.sqrt(self.max_area_um2 / np.pi)) + self.segment.cytoplasm_um)
 
 
 @dataclass
@@ -132,14 +148,20 @@ class DetectedCells:
     Attributes
     ----------
     x, y : ndarray of float64, shape (N,)
-        Centre of each cell, level-0 pixels.
+        Centre of each cell (of its whole area), level-0 pixels.
     bbox : ndarray of int64, shape (N, 4)
-        ``(x0, y0, x1, y1)``, half-open.
-    contour : ndarray of float32, shape (N, CONTOUR_VERTICES, 2)
-        Closed outline of each cell as ``(x, y)`` vertices, evenly spaced along its length
-        (the last vertex connects back to the first).
-    area_um2 : ndarray of float32, shape (N,)
-        Area of the stained region of the cell.
+        ``(x0, y0, x1, y1)`` of the whole cell, half-open.
+    contour, nucleus_contour : ndarray of float32, shape (N, CONTOUR_VERTICES, 2)
+        Closed outlines of each cell and of its nucleus as ``(x, y)`` vertices, evenly spaced
+        along them (the last vertex connects back to the first).
+    cell_area_um2, nucleus_area_um2 : ndarray of float32, shape (N,)
+        Areas of the whole cell and of its nucleus.
+    nc_ratio : ndarray of float32, shape (N,)
+        Nucleus area over cell area.
+    circularity : ndarray of float32, shape (N,)
+        ``4 pi area / perimeter**2`` of the cell outline.
+    edge : ndarray of bool, shape (N,)
+        The cell touches the border of the image it was found in.
     score : ndarray of float32, shape (N,)
         Detection score in ``[0, 1)``: stain contrast above the threshold.
     tile_id : ndarray of int32, shape (N,)
@@ -150,7 +172,12 @@ class DetectedCells:
     y: NDArray[np.float64]
     bbox: NDArray[np.int64]
     contour: NDArray[np.float32]
-    area_um2: NDArray[np.float32]
+    nucleus_contour: NDArray[np.float32]
+    cell_area_um2: NDArray[np.float32]
+    nucleus_area_um2: NDArray[np.float32]
+    nc_ratio: NDArray[np.float32]
+    circularity: NDArray[np.float32]
+    edge: NDArray[np.bool_]
     score: NDArray[np.float32]
     tile_id: NDArray[np.int32]
 
@@ -211,10 +238,10 @@ def learn_threshold(stain: NDArray[np.floating], params: DetectParams = DetectPa
     return max(params.min_threshold, median + params.noise_sigmas * spread)
 
 
-def slide_threshold(
+def slide_params(
     samples: Sequence[NDArray[np.uint8]], mpp: float, params: DetectParams = DetectParams()
-) -> float:
-    """Learn one slide's nuclear-stain threshold from sample images of it.
+) -> DetectParams:
+    """Learn one slide's stain and nuclear-stain threshold from sample images of it.
 
     Parameters
     ----------
@@ -226,13 +253,17 @@ def slide_threshold(
 
     Returns
     -------
-    float
-        The threshold to pass as ``DetectParams(threshold=...)`` to :func:`detect_cells`.
+    DetectParams
+        ``params`` with the slide's ``stain`` and ``threshold``, for :func:`detect_cells` on
+        every tile of the slide. Without samples, the reference stain and ``min_threshold``.
     """
     if not samples:
-        return params.min_threshold
-    stains = [_work_stain(_work_density(rgb, mpp, params), mpp, params).ravel() for rgb in samples]
-    return learn_threshold(np.concatenate(stains), params)
+        return dataclasses.replace(params, stain=REFERENCE_STAIN, threshold=params.min_threshold)
+    densities = [_work_density(rgb, mpp, params) for rgb in samples]
+    model = estimate_stain(np.concatenate([od.reshape(-1, 3) for od in densities]))
+    stains = [_work_stain(od, mpp, params, model).ravel() for od in densities]
+    threshold = learn_threshold(np.concatenate(stains), params)
+    return dataclasses.replace(params, stain=model, threshold=threshold)
 
 
 def resample_ring(ring: NDArray[np.floating], n: int = CONTOUR_VERTICES) -> NDArray[np.float32]:
@@ -261,10 +292,12 @@ def resample_ring(ring: NDArray[np.floating], n: int = CONTOUR_VERTICES) -> NDAr
     )
 
 
-def _work_stain(od: NDArray[np.float32], mpp: float, params: DetectParams) -> NDArray[np.float32]:
+def _work_stain(
+    od: NDArray[np.float32], mpp: float, params: DetectParams, model: StainModel
+) -> NDArray[np.float32]:
     """Nuclear stain of optical density already averaged to the working resolution
     (:func:`_work_density`), lightly smoothed."""
-    stain = unmix_nuclear(od)
+    stain = unmix_nuclear(od, model)
     sigma = params.smooth_um / (_block(mpp, params) * mpp)
     if sigma < 0.3:
         return stain
@@ -569,7 +602,8 @@ def detect_cells(
     if mpp <= 0:
         raise ValueError(f"microns per pixel must be positive, got {mpp}")
     od = _work_density(rgb, mpp, params)
-    stain = _work_stain(od, mpp, params)
+    model = estimate_stain(od) if params.stain is None else params.stain
+    stain = _work_stain(od, mpp, params, model)
     threshold = learn_threshold(stain, params) if params.threshold is None else params.threshold
     f = _block(mpp, params)
     px_um = f * mpp
@@ -592,46 +626,51 @@ def detect_cells(
     kept = which > 0
     labels = np.zeros_like(labels)
     labels.ravel()[flat] = which
+    cells = segment_cells(od, model, labels, px_um, params.segment)
     return _table(
         labels,
+        cells,
         (flat[kept], which[kept]),
         stain,
         threshold,
         np.array(origin[::-1], dtype=float),
-        f * mpp,
-        mpp,
+        px_um,
         level0_mpp or mpp,
-        params,
     )
 
 
 def _table(
-    labels: NDArray[np.int32],
+    nuclei: NDArray[np.int32],
+    cells: NDArray[np.int32],
     pixels: tuple[NDArray[np.intp], NDArray[np.int32]],
     stain: NDArray[np.float32],
     threshold: float,
     offset: FloatArray,
     px_um: float,
-    mpp: float,
     level0_mpp: float,
-    params: DetectParams,
 ) -> DetectedCells:
-    """Level-0 :class:`DetectedCells` of the cells labelled 1..N; ``pixels`` are their labelled
-    pixels (:func:`_labelled`) and ``offset`` is the image origin (y, x)."""
+    """Level-0 :class:`DetectedCells` of the nuclei labelled 1..N and their cells (labelled
+    alike); ``pixels`` are the nuclei's labelled pixels (:func:`_labelled`) and ``offset`` is
+    the image origin (y, x)."""
     flat, which = pixels
     n = int(which.max(initial=0))
     if n == 0:
         return DetectedCells.empty()
-    centroids = _centroids(flat, which, labels.shape[1], n)
-    boxes = np.array(
-        [[b.start for b in box] + [b.stop for b in box] for box in ndi.find_objects(labels)],
-        dtype=float,
-    )
+    width = nuclei.shape[1]
+    cell_flat = np.flatnonzero(cells)
+    cell_which = cells.ravel()[cell_flat]
+    boxes = label_boxes(cell_flat, cell_which, width, n).astype(float)
     reach = float(np.hypot(*(boxes[:, 2:] - boxes[:, :2]).T).max())
-    outline = _outlines(labels, centroids, reach)
-    size = np.bincount(which, minlength=n + 1)[1:]
+    centroids = _centroids(cell_flat, cell_which, width, n)
+    outline = _outlines(cells, centroids, reach)
+    nucleus_outline = _outlines(nuclei, _centroids(flat, which, width, n), reach)
+    nucleus_size = np.bincount(which, minlength=n + 1)[1:]
+    cell_size = np.bincount(cell_which, minlength=n + 1)[1:]
     total_stain = np.bincount(which, weights=np.abs(stain.ravel()[flat]), minlength=n + 1)
-    mean_stain = total_stain[1:] / size
+    mean_stain = total_stain[1:] / nucleus_size
+    border = np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]])
+    edge = np.zeros(n + 1, dtype=bool)
+    edge[border] = True
     scale = px_um / level0_mpp  # level-0 pixels per working pixel
 
     def to_level0(rc: FloatArray) -> FloatArray:
@@ -645,7 +684,19 @@ def _table(
         y=centres[:, 0],
         bbox=np.column_stack([top_left[:, ::-1], bottom_right[:, ::-1]]).astype(np.int64),
         contour=to_level0(outline)[..., ::-1].astype(np.float32),
-        area_um2=(size * px_um**2).astype(np.float32),
+        nucleus_contour=to_level0(nucleus_outline)[..., ::-1].astype(np.float32),
+        cell_area_um2=(cell_size * px_um**2).astype(np.float32),
+        nucleus_area_um2=(nucleus_size * px_um**2).astype(np.float32),
+        nc_ratio=(nucleus_size / cell_size).astype(np.float32),
+        circularity=_circularity(outline, cell_size).astype(np.float32),
+        edge=edge[1:],
         score=(1.0 - threshold / np.maximum(mean_stain, threshold)).astype(np.float32),
         tile_id=np.full(n, -1, dtype=np.int32),
     )
+
+
+def _circularity(outline: FloatArray, area_px: NDArray[np.integer]) -> FloatArray:
+    """``4 pi area / perimeter**2`` of closed outlines (N, V, 2), at most 1."""
+    closed = np.concatenate([outline, outline[:, :1]], axis=1)
+    perimeter = np.hypot(*np.diff(closed, axis=1).transpose(2, 0, 1)).sum(axis=1)
+    return np.minimum(1.0, 4 * np.pi * area_px / np.maximum(perimeter, 1e-9) ** 2)

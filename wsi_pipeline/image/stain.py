@@ -1,39 +1,234 @@
-"""Stain of May-Grünwald-Giemsa smears: optical density and colour unmixing.
+"""Stain of May-Grünwald-Giemsa smears: optical density, each slide's stain, colour unmixing.
 
-A pixel's optical density is unmixed into three stains: the purple of chromatin, the blue of
-basophilic cytoplasm and the pink of red cells (eosin). Detection (:mod:`.detect`) and the
-smear-area finder (:mod:`.regions`) both start from here.
+A pixel's optical density (relative to the slide's glass) is unmixed into three stains: the
+purple of chromatin, the blue of basophilic cytoplasm and the counterstain of red cells (eosin
+pink in most labs, lavender in some). Romanowsky stains differ between labs far more than H&E:
+Raabin-WBC's nuclei are magenta and its red cells lavender-grey, BCCD's nuclei violet and its red
+cells pink, a rapid stain's glass yellow. So the glass, chromatin and counterstain colours are
+estimated per slide (:func:`estimate_stain`, a Macenko-style split of the stained pixels' optical
+density into its two extreme directions) and only the cytoplasm blue, which too few pixels
+show to estimate, is a fixed reference. Detection (:mod:`.detect`) and the smear-area finder
+(:mod:`.regions`) both start from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
 import cv2
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["block_mean", "block_density", "nuclear_stain", "optical_density", "unmix_nuclear"]
+__all__ = [
+    "REFERENCE_STAIN",
+    "StainModel",
+    "block_density",
+    "block_mean",
+    "estimate_stain",
+    "nuclear_stain",
+    "optical_density",
+]
 
 FloatArray = NDArray[np.float64]
+Vector = tuple[float, float, float]
 
-#: Colours that one layer of each stain gives on glass: chromatin, basophilic cytoplasm, red cell.
+#: Colours that one layer of each stain gives on white glass in the reference (May-Grünwald-
+#: Giemsa) smear: chromatin, basophilic cytoplasm, red cell.
 NUCLEUS_RGB = (120.0, 70.0, 150.0)
 BASOPHILIC_RGB = (70.0, 100.0, 180.0)
 RED_CELL_RGB = (222.0, 150.0, 155.0)
-#: Least ratio of red to green optical density of chromatin (red cells: about 0.2).
-PURPLE_RED_TO_GREEN = 0.35
 #: Red optical density above which a pixel is chromatin whatever its unmixing.
 DENSE_RED_OD = 1.7
+#: Pixels whose optical density (summed over channels, above the glass) reaches this are
+#: stained; Macenko's 0.15 per channel.
+STAINED_OD = 0.45
+#: Share of the stained pixels, those least like red cells, whose mean direction is chromatin.
+CHROMATIN_SHARE = 0.005
+#: Factor between the chromatin and counterstain red-to-green ratios from which the ratio
+#: alone parts them (each then lies a factor of at least 1.4 from the midpoint).
+RATIO_SEPARATION = 2.0
+#: Fewest stained pixels from which a stain is estimated.
+MIN_STAINED_PIXELS = 500
+#: Largest angle (degrees) between a slide's chromatin or counterstain direction and the
+#: range the detector was checked on (BCCD, Raabin-WBC, MLL, synthetic slides) before a warning.
+CHECKED_ANGLE_DEG = 25.0
 
 
-def _unmixing_row() -> NDArray[np.float64]:
-    """Row of the inverse stain matrix that gives the amount of nuclear stain."""
-    stains = np.array([_od_of(NUCLEUS_RGB), _od_of(BASOPHILIC_RGB), _od_of(RED_CELL_RGB)])
-    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
-    return np.linalg.inv(stains.T)[0]
-
-
-def _od_of(rgb: tuple[float, float, float]) -> FloatArray:
+def _od_of(rgb: Sequence[float]) -> FloatArray:
     return -np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / 256.0)
+
+
+def _unit(vector: ArrayLike) -> FloatArray:
+    values = np.asarray(vector, dtype=np.float64)
+    return values / np.linalg.norm(values)
+
+
+def _vector(values: ArrayLike) -> Vector:
+    x, y, z = np.asarray(values, dtype=np.float64)
+    return (float(x), float(y), float(z))
+
+
+def _angle_deg(a: ArrayLike, b: ArrayLike) -> float:
+    return float(np.degrees(np.arccos(np.clip(_unit(a) @ _unit(b), -1.0, 1.0))))
+
+
+@dataclass(frozen=True)
+class StainModel:
+    """The stains of one slide, as optical-density directions, and its glass.
+
+    Attributes
+    ----------
+    nucleus, counterstain : tuple of float
+        Unit optical-density vectors (red, green, blue) of chromatin and of red cells.
+    cytoplasm : tuple of float
+        Third unmixing direction (basophilic cytoplasm blue in the reference; what neither
+        estimated stain explains on a slide).
+    glass_od : tuple of float
+        Optical density of the bare glass; subtracted before unmixing.
+    red_cell_density : float
+        A typical red cell's optical density above the glass, summed over channels: the median
+        stained pixel's (red cells are most of a smear's stained area).
+    red_cell_cosine : float
+        The median stained pixel's cosine to the counterstain direction: how closely red cells
+        follow it.
+    estimated : bool
+        Whether the directions were estimated from the slide (else the reference).
+    """
+
+    nucleus: Vector
+    counterstain: Vector
+    cytoplasm: Vector
+    glass_od: Vector = (0.0, 0.0, 0.0)
+    red_cell_density: float = float(_od_of(RED_CELL_RGB).sum())
+    red_cell_cosine: float = 0.98
+    estimated: bool = False
+
+    @cached_property
+    def unmixing_affine(self) -> NDArray[np.float32]:
+        """The row of the inverse stain matrix that gives the amount of chromatin, with the
+        glass subtracted first: an affine map for ``cv2.transform``, shape (1, 4)."""
+        stains = np.array([self.nucleus, self.cytoplasm, self.counterstain])
+        row = np.linalg.inv(stains.T)[0]
+        return np.array([[*row, -row @ np.asarray(self.glass_od)]], dtype=np.float32)
+
+    @property
+    def red_to_green(self) -> float:
+        """Red-to-green optical-density ratio that parts chromatin from stacked red cells: the
+        geometric mean of the two stains' ratios."""
+        return float(np.sqrt(np.prod(self._red_to_green_ratios)))
+
+    @property
+    def red_to_green_parts(self) -> bool:
+        """Whether the two stains' red-to-green ratios differ by at least
+        :data:`RATIO_SEPARATION`, so the ratio alone tells stacked red cells from chromatin."""
+        low, high = sorted(self._red_to_green_ratios)
+        return high >= RATIO_SEPARATION * low
+
+    @property
+    def counterstain_is_redder(self) -> bool:
+        """Whether red cells absorb more red light, relative to green, than chromatin does."""
+        nucleus, counterstain = self._red_to_green_ratios
+        return counterstain > nucleus
+
+    @property
+    def _red_to_green_ratios(self) -> tuple[float, float]:
+        return tuple(v[0] / max(v[1], 1e-6) for v in (self.nucleus, self.counterstain))  # type: ignore[return-value]
+
+    def warnings(self) -> list[str]:
+        """Why this slide's stain lies outside what the detector was checked on, if it does."""
+        problems = []
+        for name, vector, reference in (
+            ("chromatin", self.nucleus, REFERENCE_STAIN.nucleus),
+            ("red-cell counterstain", self.counterstain, REFERENCE_STAIN.counterstain),
+        ):
+            angle = _angle_deg(vector, reference)
+            if angle > CHECKED_ANGLE_DEG:
+                problems.append(
+                    f"the {name} colour differs by {angle:.0f} degrees from the reference stain "
+                    f"(detection was checked up to {CHECKED_ANGLE_DEG:.0f})"
+                )
+        return problems
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain values for a store's provenance."""
+        return {
+            "nucleus_od": [round(v, 4) for v in self.nucleus],
+            "counterstain_od": [round(v, 4) for v in self.counterstain],
+            "glass_od": [round(v, 4) for v in self.glass_od],
+            "red_cell_density": round(self.red_cell_density, 4),
+            "red_cell_cosine": round(self.red_cell_cosine, 4),
+            "estimated": self.estimated,
+        }
+
+
+#: The reference May-Grünwald-Giemsa stain on white glass.
+REFERENCE_STAIN = StainModel(
+    nucleus=_vector(_unit(_od_of(NUCLEUS_RGB))),
+    counterstain=_vector(_unit(_od_of(RED_CELL_RGB))),
+    cytoplasm=_vector(_unit(_od_of(BASOPHILIC_RGB))),
+)
+
+
+def estimate_stain(od: NDArray[np.floating]) -> StainModel:
+    """Estimate a slide's glass, chromatin and counterstain from optical densities.
+
+    The glass is the median of the faintest 2 % of pixels. Above it, the stained pixels'
+    densities span a plane (their two main directions); the two ends of their angle range in
+    that plane are the two stains (Macenko et al., ISBI 2009). Chromatin is the end whose pixels
+    are the denser. With too few stained pixels, or ends that do not part (a field of red cells
+    alone), the reference stain is returned with this slide's glass.
+
+    Parameters
+    ----------
+    od : ndarray of float, shape (..., 3)
+        Optical densities (:func:`optical_density`) of sample pixels of the slide.
+
+    Returns
+    -------
+    StainModel
+    """
+    pixels = np.asarray(od, dtype=np.float64).reshape(-1, 3)
+    total = pixels.sum(axis=1)
+    faint = total <= np.quantile(total, 0.02)
+    glass = np.median(pixels[faint], axis=0)
+    above = np.clip(pixels - glass, 0.0, None)
+    stained = above[above.sum(axis=1) >= STAINED_OD]
+    fallback = dataclasses.replace(REFERENCE_STAIN, glass_od=_vector(glass))
+    if len(stained) < MIN_STAINED_PIXELS:
+        return fallback
+    # Red cells are most of the stained area of any smear: their direction is the median one.
+    directions = stained / np.linalg.norm(stained, axis=1, keepdims=True)
+    counterstain = _unit(np.median(directions, axis=0))
+    red_cell = {
+        "red_cell_density": float(np.median(stained.sum(axis=1))),
+        "red_cell_cosine": float(np.median(directions @ counterstain)),
+    }
+    # Chromatin is the densest stain unlike the red cells: the pixels with the most density
+    # across the counterstain direction, however few (a blood smear's nuclei are well under
+    # 1 % of its stained area). Every Romanowsky chromatin (violet to magenta: azure B-eosin)
+    # absorbs green most, which yellow-brown precipitate and blue cytoplasm do not.
+    across = np.linalg.norm(stained - np.outer(stained @ counterstain, counterstain), axis=1)
+    greenest = stained.argmax(axis=1) == 1
+    if not greenest.any():
+        return fallback
+    chromatin = stained[greenest & (across >= np.quantile(across[greenest], 1.0 - CHROMATIN_SHARE))]
+    # The median direction: a few dark specks of another colour cannot move it.
+    nucleus = _unit(np.median(chromatin / np.linalg.norm(chromatin, axis=1, keepdims=True), axis=0))
+    if _angle_deg(nucleus, counterstain) < 5.0:
+        return fallback
+    # Blue cytoplasm is too rare to estimate: the third direction is what neither explains.
+    cytoplasm = _unit(np.cross(nucleus, counterstain))
+    return StainModel(
+        _vector(nucleus),
+        _vector(counterstain),
+        _vector(cytoplasm),
+        _vector(glass),
+        **red_cell,
+        estimated=True,
+    )
 
 
 #: Optical density of each 8-bit value, as a lookup table.
@@ -41,7 +236,6 @@ _OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
 #: Step of the 16-bit fixed-point optical density in which blocks are averaged, about 1e-4.
 _OD_STEP = np.float32(np.log(256.0) / np.iinfo(np.uint16).max)
 _OD_LUT_FIXED = np.round(_OD_LUT / _OD_STEP).astype(np.uint16)
-_UNMIXING_ROW = _unmixing_row().astype(np.float32)[None, :]
 
 
 def optical_density(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -62,36 +256,46 @@ def _rgb(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return np.ascontiguousarray(image)
 
 
-def nuclear_stain(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """Amount of nuclear (chromatin-purple) stain per pixel, by colour unmixing.
+def nuclear_stain(
+    rgb: NDArray[np.uint8], stain: StainModel = REFERENCE_STAIN
+) -> NDArray[np.float32]:
+    """Amount of nuclear (chromatin) stain per pixel, by colour unmixing.
 
-    The optical density of each pixel is unmixed into three stains: the purple of chromatin,
-    the blue of basophilic cytoplasm and the pink of red cells (eosin). Only the first is
+    The optical density of each pixel above the glass is unmixed into three stains: chromatin,
+    the blue of basophilic cytoplasm and the red cells' counterstain. Only the first is
     returned, so red cells and glass are near zero, the blue cytoplasm of a neighbouring cell
     does not join a nucleus, and the orange granules of eosinophils are strongly negative.
 
     Parameters
     ----------
     rgb : ndarray of uint8, shape (H, W, 3)
+    stain : StainModel
+        The slide's stain (:func:`estimate_stain`); the reference by default.
 
     Returns
     -------
     ndarray of float32, shape (H, W)
     """
-    return unmix_nuclear(optical_density(rgb))
+    return unmix_nuclear(optical_density(rgb), stain)
 
 
-def unmix_nuclear(od: NDArray[np.float32]) -> NDArray[np.float32]:
+def unmix_nuclear(
+    od: NDArray[np.float32], stain: StainModel = REFERENCE_STAIN
+) -> NDArray[np.float32]:
     """:func:`nuclear_stain` from the image's optical density (:func:`optical_density`)."""
-    stain = cv2.transform(od, _UNMIXING_ROW)
-    red, green = cv2.extractChannel(od, 0), cv2.extractChannel(od, 1)
-    # Where stacked red cells saturate green and blue, unmixing fails; chromatin also absorbs
-    # red strongly, red cells hardly at all.
-    failed = (stain > 0) & (red < PURPLE_RED_TO_GREEN * green)
-    np.multiply(stain, ~failed, out=stain)  # a masked copy of zeros takes four times as long
+    # One affine transform unmixes the density above the glass.
+    result = cv2.transform(od, stain.unmixing_affine)
+    red = cv2.extractChannel(od, 0) - np.float32(stain.glass_od[0])
+    if stain.red_to_green_parts:
+        # Where stacked red cells saturate green and blue, unmixing fails; their red-to-green
+        # ratio still tells them from chromatin.
+        green = cv2.extractChannel(od, 1) - np.float32(stain.glass_od[1])
+        redder = red >= stain.red_to_green * green
+        red_cell_like = redder if stain.counterstain_is_redder else ~redder
+        np.multiply(result, ~((result > 0) & red_cell_like), out=result)
     # The darkest nuclei saturate green and blue, so unmixing leaves them hollow; no other
     # smear component absorbs as much red light.
-    return np.maximum(stain, red, out=stain, where=red > DENSE_RED_OD)
+    return np.maximum(result, red, out=result, where=red > DENSE_RED_OD)
 
 
 def block_mean(image: NDArray, f: int) -> NDArray:

@@ -315,7 +315,7 @@ def write_synthetic_crops(
                 cells = list(csv.DictReader(stream))
             with open_slide(folder / f"slide{seed}.svs") as slide:
                 plan = plan_slide(slide, loaded, options)
-                found = detect_tiles(slide, plan.tiles, loaded, plan.threshold)
+                found = detect_tiles(slide, plan.tiles, loaded, plan.detect_params)
                 mpp = slide.mpp
             truth_xy = np.array([(float(c["x"]), float(c["y"])) for c in cells]).reshape(-1, 2)
             diameter_um = np.array([float(c["diameter_um"]) for c in cells])

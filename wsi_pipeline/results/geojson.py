@@ -7,9 +7,12 @@ QuPath's reader (``PathObjectTypeAdapters`` in qupath-core) takes, per Feature:
 * ``properties.objectType``: ``"detection"``, ``"annotation"``, ``"cell"``... (inside
   ``properties``, not at the top level);
 * ``properties.classification``: ``{"name": str, "color": [r, g, b]}``;
-* ``properties.measurements``: a JSON object of name to number (from v0.4; a list before).
+* ``properties.measurements``: a JSON object of name to number (from v0.4; a list before);
+* ``nucleusGeometry``: beside ``geometry``, the nucleus of a ``cell`` object.
 
-Each cell becomes a ``detection`` with its contour as a closed Polygon ring; the counted region
+Each cell becomes a QuPath ``cell``: its membrane outline as a closed Polygon ring, its nucleus
+as ``nucleusGeometry``, its measurements (areas, N:C ratio, circularity, edge, confidence,
+probabilities) from the cell table's measured fields; the counted region
 becomes one ``annotation``. :class:`GeoJSONWriter` writes the file batch by batch as cells are
 classified, so memory does not grow with the number of cells, to a hidden temporary name that
 only :meth:`GeoJSONWriter.commit` renames into place.
@@ -67,8 +70,10 @@ def _closed_rings(contours: NDArray[np.floating]) -> list[list[list[float]]]:
     return [ring if ring[0] == ring[-1] else ring + ring[:1] for ring in rings]
 
 
-def _feature(geometry: dict[str, Any], properties: dict[str, Any]) -> str:
-    feature = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry}
+def _feature(geometry: dict[str, Any], properties: dict[str, Any], **members: Any) -> str:
+    """One GeoJSON feature; ``members`` are foreign members beside the geometry (QuPath
+    reads a cell's ``nucleusGeometry`` there)."""
+    feature = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, **members}
     return json.dumps(feature | {"properties": properties}, allow_nan=False)
 
 
@@ -96,8 +101,9 @@ def _cell_features(
     min_agreement: float,
 ) -> Iterable[str]:
     sure = certain(batch["confidence"], batch.get("agreement"), threshold, min_agreement)
-    for ring, top, is_certain, measurements in zip(
+    for ring, nucleus, top, is_certain, measurements in zip(
         _closed_rings(batch["contour"]),
+        _closed_rings(batch["nucleus_contour"]),
         np.asarray(batch["top_class"]).tolist(),
         sure.tolist(),
         _measurements(batch, class_codes),
@@ -105,13 +111,15 @@ def _cell_features(
     ):
         code = class_codes[top] if is_certain else UNCERTAIN_CLASS
         color = colors[code] if code != UNCERTAIN_CLASS else UNCERTAIN_COLOR
+        # A QuPath cell: the membrane as the geometry, the nucleus beside it.
         yield _feature(
             {"type": "Polygon", "coordinates": [ring]},
             {
-                "objectType": "detection",
+                "objectType": "cell",
                 "classification": {"name": code, "color": list(color)},
                 "measurements": measurements,
             },
+            nucleusGeometry={"type": "Polygon", "coordinates": [nucleus]},
         )
 
 
@@ -223,9 +231,9 @@ class GeoJSONWriter:
             self.abort()
 
     def write(self, batch: Mapping[str, NDArray]) -> None:
-        """Append a batch of the cell table with at least ``contour`` (n, K, 2), ``top_class``
-        (n,), ``confidence`` (n,), ``probabilities`` (n, C) and ``area_um2`` (n,); level-0
-        pixels."""
+        """Append a batch of the cell table with at least ``contour`` and ``nucleus_contour``
+        (n, K, 2, level-0 pixels), ``top_class`` (n,), ``confidence`` (n,) and
+        ``probabilities`` (n, C); the other measured fields present become measurements."""
         features = _cell_features(
             batch, self.class_codes, self.colors, self.threshold, self.min_agreement
         )

@@ -32,6 +32,7 @@ from distributed import Client, Future, WorkerPlugin, as_completed, worker_clien
 
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import exclusive_folder
+from wsi_pipeline.image.detect import DetectParams
 from wsi_pipeline.image.slide import Slide, open_slide, slide_checksum, slide_stem
 from wsi_pipeline.model.cards import ClassifierCard, resolve_card
 from wsi_pipeline.model.classify import get_classifier
@@ -120,11 +121,11 @@ def prepare(
 
 
 def detect(
-    path: str, card: ClassifierCard, options: RunOptions, tiles: list, threshold: float
+    path: str, card: ClassifierCard, options: RunOptions, tiles: list, params: DetectParams
 ) -> TileCells:
     """Detect and crop the cells of a group of tiles, reading the slide on this worker."""
     slide = _open(path, options.mpp)
-    return detect_tiles(slide, tiles, card, threshold)
+    return detect_tiles(slide, tiles, card, params)
 
 
 def classify(cells: TileCells, card: ClassifierCard, options: RunOptions) -> TileCells:
@@ -249,7 +250,7 @@ def run_cohort(
                         card,
                         options,
                         group,
-                        result.threshold,
+                        result.detect_params,
                         priority=-3 * rank + 1,
                     )
                     classified.append(

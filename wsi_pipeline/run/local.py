@@ -72,7 +72,7 @@ def run_slide(
         bar = tqdm(total=len(plan.tiles), desc="detect+classify", unit="tile", disable=not progress)
 
         def detect(tile: Tile) -> TileCells:
-            return detect_tiles(slide, [tile], card, plan.threshold)
+            return detect_tiles(slide, [tile], card, plan.detect_params)
 
         def classify(cells: TileCells) -> TileCells:
             return classify_cells(classifier, cells, options.tta)

@@ -216,6 +216,11 @@ def write_outputs(
                 agreement=agreement,
                 min_agreement=options.min_agreement,
             )
+            stain_warnings = attrs["detection"]["warnings"]
+            if stain_warnings:
+                # The slide's stain is unlike any the detector was checked on.
+                said = f"stain outside the checked range: {'; '.join(stain_warnings)}"
+                result = replace(result, warnings=(*result.warnings, said))
             if unreadable:
                 warnings = (*result.warnings, unreadable_warning(unreadable))
                 result = replace(result, warnings=warnings)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from wsi_pipeline.core.schema import check_columns, empty_columns, field_names
 from wsi_pipeline.image.crops import crop_from_array
-from wsi_pipeline.image.detect import DetectParams, detect_cells, slide_threshold
+from wsi_pipeline.image.detect import DetectParams, detect_cells, slide_params
 from wsi_pipeline.image.regions import CLASSES as REGION_CLASSES
 from wsi_pipeline.image.regions import score_regions
 from wsi_pipeline.image.slide import Slide, UnreadableRegion, slide_checksum, slide_stem
@@ -41,7 +41,7 @@ __all__ = [
 
 REGION_MPP = 4.0  # thumbnail resolution for finding the countable smear: red cells ~2 px
 TILE_SIZE = 1024  # tile side in pixels at the classifier's resolution
-THRESHOLD_SAMPLE_TILES = 8  # tiles pooled to learn a slide's nuclear-stain threshold
+STAIN_SAMPLE_TILES = 8  # tiles pooled to learn a slide's stain and nuclear-stain threshold
 REPORT_THUMBNAIL_PX = 1600  # longest side of the overview drawn in the report
 
 
@@ -63,8 +63,8 @@ class SlidePlan:
         Overview of the slide for the report, at most :data:`REPORT_THUMBNAIL_PX` a side.
     thumbnail_scale : float
         Thumbnail pixels per level-0 pixel.
-    threshold : float
-        The slide's nuclear-stain threshold for detection.
+    detect_params : DetectParams
+        Detection settings with the slide's stain and nuclear-stain threshold.
     timings : dict of str to float
         Seconds spent opening and planning.
     """
@@ -75,7 +75,7 @@ class SlidePlan:
     region: list[NDArray[np.float64]]
     thumbnail: NDArray[np.uint8]
     thumbnail_scale: float
-    threshold: float
+    detect_params: DetectParams
     timings: dict[str, float]
 
 
@@ -125,7 +125,7 @@ def plan_slide(
     stem: str | None = None,
 ) -> SlidePlan:
     """Checksum the slide (unless given), score the smear, lay out tiles at the card's
-    resolution and learn the slide's stain threshold.
+    resolution and learn the slide's stain and nuclear-stain threshold.
 
     The checksum is computed on a second thread while the rest is planned; the ``open`` timing
     is the wait for it after planning. ``stem`` names the outputs (default: the slide's stem).
@@ -144,7 +144,7 @@ def plan_slide(
             tiles = [tile for tile, c in zip(grid, classes, strict=True) if c in wanted]
             scale = slide.mpp / REGION_MPP
             region = region_rings(tiles, thumbnail.shape[:2], scale)
-            threshold = _slide_threshold(slide, tiles)
+            detect_params = _slide_params(slide, tiles)
             overview, shrink = _report_thumbnail(thumbnail)
         with stage("open"):
             if hashing is not None:  # submitted exactly when no checksum was given
@@ -159,6 +159,11 @@ def plan_slide(
             "tile_classes": {c: classes.count(c) for c in REGION_CLASSES},
             "rings": [np.round(ring, 1).tolist() for ring in region],
         },
+        "detection": {
+            "stain": detect_params.stain.as_dict() if detect_params.stain else None,
+            "threshold": round(float(detect_params.threshold or 0.0), 4),
+            "warnings": detect_params.stain.warnings() if detect_params.stain else [],
+        },
     }
     return SlidePlan(
         stem=stem or slide_stem(slide.info.path),
@@ -167,7 +172,7 @@ def plan_slide(
         region=region,
         thumbnail=overview,
         thumbnail_scale=scale * shrink,
-        threshold=threshold,
+        detect_params=detect_params,
         timings=timings,
     )
 
@@ -182,29 +187,27 @@ def _report_thumbnail(thumbnail: NDArray[np.uint8]) -> tuple[NDArray[np.uint8], 
     return np.asarray(image), shrink
 
 
-def _slide_threshold(slide: Slide, tiles: list[Tile]) -> float:
-    """Nuclear-stain threshold learned from tiles spread evenly across the counted region."""
-    if not tiles:
-        return DetectParams().min_threshold
-    picks = np.unique(np.linspace(0, len(tiles) - 1, THRESHOLD_SAMPLE_TILES).round().astype(int))
+def _slide_params(slide: Slide, tiles: list[Tile]) -> DetectParams:
+    """Detection settings with the stain and threshold learned from tiles spread evenly across
+    the counted region."""
+    picks = np.unique(np.linspace(0, len(tiles) - 1, STAIN_SAMPLE_TILES).round().astype(int))
     samples = []
-    for i in picks:
+    for i in picks if tiles else []:
         try:
             samples.append(slide.read_region(tiles[i].origin, tiles[i].read_size, tiles[i].mpp))
         except UnreadableRegion:
             continue  # detection records the tile
-    return slide_threshold(samples, tiles[0].mpp) if samples else DetectParams().min_threshold
+    return slide_params(samples, tiles[0].mpp if tiles else slide.mpp)
 
 
 def detect_tiles(
-    slide: Slide, tiles: Iterable[Tile], card: ClassifierCard, threshold: float
+    slide: Slide, tiles: Iterable[Tile], card: ClassifierCard, params: DetectParams
 ) -> TileCells:
     """Read tiles, find their white cells, keep those each tile owns and crop them for the card.
 
     A tile whose pixels cannot be decoded is left out and recorded in ``unreadable``.
     """
     start = time.perf_counter()
-    params = DetectParams(threshold=threshold)
     size, fov = card.model.input_size, card.model.fov_um
     parts = []
     unreadable: list[dict[str, Any]] = []

@@ -1,0 +1,262 @@
+"""White-cell detection on real smear photographs of two labs, against their white-cell boxes.
+
+Data sets (``../shared/data``, see its README):
+
+- ``bccd``: 292 Wright/Giemsa blood smears, 640 x 480 JPEG, Pascal-VOC boxes; 0.07 µm/px (the
+  median red-cell box is 104 px for red cells about 7.5 µm across).
+- ``raabin``: 350 Raabin-WBC smears (magenta Giemsa, 100x oil), 575 x 575 JPEG, YOLO boxes;
+  0.061 µm/px (isolated red cells have a median diameter of 123 px).
+
+Each image is opened as a one-level slide at its data set's pixel size and run through the
+detector with default parameters, exactly as ``wsi-run`` would run a single image. A detection
+counts when its centre falls inside a white-cell box, one detection per box (a maximum bipartite
+matching), so a cell split in two costs precision. Every figure is also given for the two halves
+of each set (by the SHA-1 of the file name) so a change tuned on one half can be checked on the
+other. ``ms_cpu_per_cell`` is the detector's CPU time (this process) per detection;
+``mean_cell_box_iou`` compares the bounding box of each matched cell's segmented outline with
+its white-cell box, which outlines the whole cell (a proxy for whole-cell IoU without masks).
+
+``synthetic`` runs the same detector tile by tile over synthetic slides as ``wsi-run`` does (one
+stain estimate and threshold per slide) and scores the whole-cell outlines against the true cells
+(round, of known diameter): ``mean_cell_iou`` is the mean IoU of each matched cell's outline with
+its true disk.
+
+Usage: ``python benchmarks/detection.py [--data ../shared/data] [--sets bccd raabin synthetic]
+[--limit N]``; prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from scipy.optimize import linear_sum_assignment
+
+from wsi_pipeline.image.detect import DetectedCells, DetectParams, detect_cells, slide_params
+from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.image.tiles import plan_tiles
+from wsi_pipeline.synth.smear import match_ground_truth, write_synthetic_slide
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def voc_boxes(annotation: Path) -> np.ndarray:
+    """WBC boxes ``(xmin, ymin, xmax, ymax)`` of one Pascal-VOC annotation file."""
+    boxes = [
+        [float(obj.findtext(f"bndbox/{key}")) for key in ("xmin", "ymin", "xmax", "ymax")]
+        for obj in ET.parse(annotation).getroot().iter("object")
+        if obj.findtext("name") == "WBC"
+    ]
+    return np.array(boxes, dtype=float).reshape(-1, 4)
+
+
+def yolo_boxes(labels: Path, width: int, height: int, wbc_class: int = 0) -> np.ndarray:
+    """White-cell boxes ``(xmin, ymin, xmax, ymax)`` in pixels of one YOLO label file."""
+    rows = np.loadtxt(labels, ndmin=2).reshape(-1, 5)
+    rows = rows[rows[:, 0] == wbc_class, 1:] * [width, height, width, height]
+    centre, size = rows[:, :2], rows[:, 2:]
+    return np.column_stack([centre - size / 2, centre + size / 2])
+
+
+@dataclass(frozen=True)
+class DetectionSet:
+    """A folder of smear images with white-cell boxes, at one pixel size."""
+
+    name: str
+    folder: str
+    mpp: float
+    images: Callable[[Path], list[Path]]
+    boxes: Callable[[Path, Path, tuple[int, int]], np.ndarray]
+
+
+SETS = {
+    "bccd": DetectionSet(
+        "bccd",
+        "bccd",
+        0.07,
+        lambda root: sorted((root / "JPEGImages").glob("*.jpg")),
+        lambda root, image, _: voc_boxes(root / "Annotations" / f"{image.stem}.xml"),
+    ),
+    "raabin": DetectionSet(
+        "raabin",
+        "raabin-train",
+        0.061,
+        lambda root: sorted((root / "images").glob("*.jpg")),
+        lambda root, image, size: yolo_boxes(root / "labels" / f"{image.stem}.txt", *size),
+    ),
+}
+
+
+def half_of(image: Path) -> str:
+    """``"a"`` or ``"b"``: a fixed half of a data set, by the SHA-1 of the file name."""
+    return "a" if hashlib.sha1(image.name.encode()).digest()[0] < 128 else "b"
+
+
+def match_boxes(x: np.ndarray, y: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Detections and boxes matched one-to-one, each detection's centre inside its box: the
+    indices of the matched detections and of their boxes."""
+    if len(x) == 0 or len(boxes) == 0:
+        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
+    inside = (
+        (x[:, None] >= boxes[None, :, 0])
+        & (x[:, None] <= boxes[None, :, 2])
+        & (y[:, None] >= boxes[None, :, 1])
+        & (y[:, None] <= boxes[None, :, 3])
+    )
+    rows, cols = linear_sum_assignment(inside, maximize=True)
+    matched = inside[rows, cols]
+    return rows[matched], cols[matched]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of paired boxes ``(x0, y0, x1, y1)``, shape (N, 4) each."""
+    low, high = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    overlap = np.prod(np.clip(high - low, 0, None), axis=1)
+    area = lambda box: np.prod(box[:, 2:] - box[:, :2], axis=1)  # noqa: E731
+    return overlap / (area(a) + area(b) - overlap)
+
+
+@dataclass
+class ImageScore:
+    """Boxes, detections and matches of one image, and the detector's CPU seconds on it."""
+
+    image: str
+    half: str
+    boxes: int
+    detections: int
+    matched: int
+    cpu_seconds: float
+    cell_box_iou: list[float]
+
+
+def score_images(
+    data: Path, dataset: DetectionSet, params: DetectParams, limit: int | None = None
+) -> Iterator[ImageScore]:
+    """Detect white cells in each image of a data set and match them to its boxes."""
+    root = data / dataset.folder
+    images = dataset.images(root)[:limit]
+    if not images:
+        raise FileNotFoundError(f"{root}: no images (is this the {dataset.name} folder?)")
+    for image in images:
+        with open_slide(image, mpp=dataset.mpp) as slide:
+            size = slide.info.dimensions
+            rgb = slide.read_region((0, 0), size, dataset.mpp)
+        start = time.process_time()
+        cells = detect_cells(rgb, dataset.mpp, params=params)
+        cpu = time.process_time() - start
+        boxes = dataset.boxes(root, image, size)
+        found, truth = match_boxes(cells.x, cells.y, boxes)
+        iou = box_iou(cells.bbox[found].astype(float), boxes[truth])
+        yield ImageScore(
+            image.stem, half_of(image), len(boxes), len(cells), len(found), cpu, iou.tolist()
+        )
+
+
+def summarise(scores: list[ImageScore]) -> dict:
+    """Recall, precision and CPU time per cell of some images' scores."""
+    boxes = sum(s.boxes for s in scores)
+    detections = sum(s.detections for s in scores)
+    matched = sum(s.matched for s in scores)
+    return {
+        "images": len(scores),
+        "wbc_boxes": boxes,
+        "detections": detections,
+        "matched": matched,
+        "recall": round(matched / max(boxes, 1), 4),
+        "precision": round(matched / max(detections, 1), 4),
+        "ms_cpu_per_cell": round(1000 * sum(s.cpu_seconds for s in scores) / max(detections, 1), 3),
+        "mean_cell_box_iou": round(float(np.mean([v for s in scores for v in s.cell_box_iou])), 4),
+    }
+
+
+def evaluate(
+    data: Path, dataset: str, params: DetectParams | None = None, limit: int | None = None
+) -> dict:
+    """Figures of one data set: all images, each half, and the images with misses or extras."""
+    scores = list(score_images(data, SETS[dataset], params or DetectParams(), limit))
+    return {
+        **summarise(scores),
+        "mpp": SETS[dataset].mpp,
+        "halves": {h: summarise([s for s in scores if s.half == h]) for h in ("a", "b")},
+        "images_with_missed_boxes": [s.image for s in scores if s.matched < s.boxes],
+        "images_with_extra_detections": [s.image for s in scores if s.matched < s.detections],
+    }
+
+
+def evaluate_synthetic(seeds: range = range(8), size: tuple[int, int] = (3000, 2000)) -> dict:
+    """Recall, precision and whole-cell IoU on synthetic slides, detected tile by tile."""
+    mpp, n_truth, n_found, ious = 1 / 3, 0, 0, []
+    cpu = 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in seeds:
+            path = Path(folder) / f"s{seed}.svs"
+            truth = np.genfromtxt(
+                write_synthetic_slide(path, size=size, seed=seed),
+                delimiter=",",
+                names=True,
+                dtype=None,
+                encoding="utf-8",
+            )
+            with open_slide(path) as slide:
+                tiles = plan_tiles(slide.info.dimensions, slide.mpp, mpp, 1024, 48.0)
+                images = [slide.read_region(t.origin, t.read_size, mpp) for t in tiles]
+                start = time.process_time()
+                params = slide_params(images, mpp)
+                found = []
+                for tile, rgb in zip(tiles, images, strict=True):
+                    cells = detect_cells(rgb, mpp, tile.origin, params, slide.mpp)
+                    found.append(cells.select(tile.owns(cells.x, cells.y)))
+                cpu += time.process_time() - start
+                level0_mpp = slide.mpp
+            cells = DetectedCells.concat(found)
+            truth_xy = np.column_stack([truth["x"], truth["y"]])
+            matched, hits = match_ground_truth(
+                truth_xy, truth["diameter_um"], np.column_stack([cells.x, cells.y]), level0_mpp
+            )
+            for t, c in zip(matched, hits, strict=True):
+                radius = truth["diameter_um"][t] / 2 / level0_mpp
+                disk = shapely.Point(truth_xy[t]).buffer(radius, quad_segs=16)
+                outline = shapely.make_valid(shapely.Polygon(cells.contour[c]))
+                ious.append(outline.intersection(disk).area / outline.union(disk).area)
+            n_truth, n_found = n_truth + len(truth_xy), n_found + len(cells)
+    return {
+        "slides": len(seeds),
+        "cells": n_truth,
+        "detections": n_found,
+        "recall": round(len(ious) / max(n_truth, 1), 4),
+        "precision": round(len(ious) / max(n_found, 1), 4),
+        "mean_cell_iou": round(float(np.mean(ious)), 4),
+        "ms_cpu_per_cell": round(1000 * cpu / max(n_found, 1), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
+    names = [*sorted(SETS), "synthetic"]
+    parser.add_argument("--sets", nargs="+", choices=names, default=names)
+    parser.add_argument("--limit", type=int, default=None, help="first N images of each set")
+    args = parser.parse_args(argv)
+    result = {
+        name: evaluate_synthetic()
+        if name == "synthetic"
+        else evaluate(args.data, name, DetectParams(), args.limit)
+        for name in args.sets
+    }
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
