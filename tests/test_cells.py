@@ -67,6 +67,16 @@ def test_real_smears_of_two_labs(shared_data, dataset, images, recall, precision
     assert result["mean_cell_box_iou"] >= 0.75
 
 
+def test_real_marrow_cells_are_found(shared_data):
+    # MLL's crops are tight around one cell, so nucleated cells, not glass and red cells, are
+    # most of the pixels: the threshold rule must not mistake chromatin for background.
+    result = _detection_benchmark().evaluate_marrow_crops(shared_data, per_class=50)
+    print(json.dumps(result))
+    assert result["crops"] == 300
+    assert result["recall"] >= 0.93
+    assert min(result["recall_by_class"].values()) >= 0.85
+
+
 def test_nuclear_stain_separates_nuclei_from_red_cells_and_glass():
     purple, pink, glass = (140, 126, 210), (222, 150, 155), (243, 241, 246)
     stain = nuclear_stain(np.array([[purple, pink, glass]], dtype=np.uint8))[0]

@@ -80,8 +80,8 @@ class CellField:
 
 CELL_FIELDS: tuple[CellField, ...] = (
     CellField("id", "int64", (), "", "write", "Row of the cell in the store, from 0 in order."),
-    CellField("x", "float64", (), "level-0 px", "detect", "Centre of the cell, x."),
-    CellField("y", "float64", (), "level-0 px", "detect", "Centre of the cell, y."),
+    CellField("x", "float64", (), "level-0 px", "detect", "Centre of the nucleus, x."),
+    CellField("y", "float64", (), "level-0 px", "detect", "Centre of the nucleus, y."),
     CellField(
         "bbox", "int64", (4,), "level-0 px", "detect", "Bounding box (x0, y0, x1, y1), half-open."
     ),

@@ -148,7 +148,8 @@ class DetectedCells:
     Attributes
     ----------
     x, y : ndarray of float64, shape (N,)
-        Centre of each cell (of its whole area), level-0 pixels.
+        Centre of each cell's nucleus (all lobes together), level-0 pixels: where its crop is
+        centred.
     bbox : ndarray of int64, shape (N, 4)
         ``(x0, y0, x1, y1)`` of the whole cell, half-open.
     contour, nucleus_contour : ndarray of float32, shape (N, CONTOUR_VERTICES, 2)
@@ -215,10 +216,13 @@ class DetectedCells:
 def learn_threshold(stain: NDArray[np.floating], params: DetectParams = DetectParams()) -> float:
     """Learn the nuclear-stain threshold from the channel values of one slide.
 
-    Unmixing puts glass and red cells, the bulk of the pixels, near zero whatever the
-    brightness of the slide; their spread (a robust standard deviation) measures how well the
-    stain vectors fit it. The threshold lies ``noise_sigmas`` spreads above that background, and
-    never below ``min_threshold``, the faintest chromatin of a pale blast.
+    Unmixing puts glass and red cells near zero whatever the brightness of the slide; where
+    they are the bulk of the pixels, their spread (a robust standard deviation) measures how
+    well the stain vectors fit, and the threshold lies ``noise_sigmas`` spreads above that
+    background. Where nucleated cells are the bulk (a crowded marrow field, an image cropped
+    around one cell) that rule measures chromatin, not background, so the threshold is never
+    above the two-class (Otsu) split of the values; and never below ``min_threshold``, the
+    faintest chromatin of a pale blast.
 
     Parameters
     ----------
@@ -235,7 +239,24 @@ def learn_threshold(stain: NDArray[np.floating], params: DetectParams = DetectPa
     values = np.asarray(stain, dtype=np.float64).ravel()
     median = float(np.median(values))
     spread = 1.4826 * float(np.median(np.abs(values - median)))
-    return max(params.min_threshold, median + params.noise_sigmas * spread)
+    above_noise = median + params.noise_sigmas * spread
+    return max(params.min_threshold, min(above_noise, _otsu(values)))
+
+
+def _otsu(values: NDArray[np.float64], bins: int = 256) -> float:
+    """The value that best splits ``values`` into two classes (Otsu, 1979)."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(counts)
+    mean = np.cumsum(counts * centres)
+    total, grand = weight[-1], mean[-1]
+    low, high = weight[:-1], total - weight[:-1]
+    valid = (low > 0) & (high > 0)
+    between = np.zeros(len(low))
+    mu_low = mean[:-1][valid] / low[valid]
+    mu_high = (grand - mean[:-1][valid]) / high[valid]
+    between[valid] = low[valid] * high[valid] * (mu_low - mu_high) ** 2
+    return float(edges[1:][np.argmax(between)]) if valid.any() else float(np.inf)
 
 
 def slide_params(
@@ -661,9 +682,11 @@ def _table(
     cell_which = cells.ravel()[cell_flat]
     boxes = label_boxes(cell_flat, cell_which, width, n).astype(float)
     reach = float(np.hypot(*(boxes[:, 2:] - boxes[:, :2]).T).max())
-    centroids = _centroids(cell_flat, cell_which, width, n)
+    # A cell's centre is its nucleus's: a membrane drawn into a neighbour must not move the
+    # crop the classifier sees off the cell.
+    centroids = _centroids(flat, which, width, n)
     outline = _outlines(cells, centroids, reach)
-    nucleus_outline = _outlines(nuclei, _centroids(flat, which, width, n), reach)
+    nucleus_outline = _outlines(nuclei, centroids, reach)
     nucleus_size = np.bincount(which, minlength=n + 1)[1:]
     cell_size = np.bincount(cell_which, minlength=n + 1)[1:]
     total_stain = np.bincount(which, weights=np.abs(stain.ravel()[flat]), minlength=n + 1)
