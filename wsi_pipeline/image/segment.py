@@ -95,10 +95,12 @@ def segment_cells(
         return cells
     reach = int(np.ceil(params.cytoplasm_um / px_um)) + max(1, round(params.red_core_um / px_um))
     height, width = nuclei.shape
-    for labels, (y0, x0, y1, x1) in _windows(nuclei, n, reach):
+    group_of = np.zeros(n + 2, dtype=np.int32)  # label n + 1 is the watershed's background
+    for g, (labels, (y0, x0, y1, x1)) in enumerate(_windows(nuclei, n, reach), start=1):
         window = np.s_[max(0, y0) : min(height, y1), max(0, x0) : min(width, x1)]
         grown = _grow(od[window], stain, nuclei[window], px_um, params)
-        own = np.isin(grown, labels)
+        group_of[labels] = g
+        own = group_of[grown] == g
         cells[window][own] = grown[own]
     return cells
 
@@ -163,7 +165,7 @@ def _grow(
     length = cv2.sqrt(cv2.transform(cv2.multiply(above, above), np.ones((1, 3), np.float32)))
     nuclear = (nuclei > 0).view(np.uint8)
     # Distance of every pixel from the nearest nucleus, in µm.
-    away = cv2.distanceTransform(1 - nuclear, cv2.DIST_L2, 5) * px_um
+    away = cv2.distanceTransform(1 - nuclear, cv2.DIST_L2, cv2.DIST_MASK_3) * px_um
     # A red cell is as dense as the slide's typical one and as close to the counterstain.
     red_like = (density >= 0.5 * stain.red_cell_density) & (
         counter >= stain.red_cell_cosine * length
