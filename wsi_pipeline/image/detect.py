@@ -579,18 +579,32 @@ def _outlines(labels: NDArray[np.int32], centroids: FloatArray, reach: float) ->
     return centroids[:, None, :] + direction[None] * radius[..., None]
 
 
+def _near_edge(labels: NDArray[np.int32], n: int, band: int) -> NDArray[np.bool_]:
+    """Which of the labels 1..n reach within ``band`` pixels of the image's edge. The closing
+    that groups lobes erodes what touches the edge, so a cut nucleus stops short of it."""
+    edges = [labels[:band], labels[-band:], labels[:, :band], labels[:, -band:]]
+    near = np.zeros(n + 1, dtype=bool)
+    near[np.concatenate([e.ravel() for e in edges])] = True
+    return near[1:]
+
+
 def _accept(
     area_um2: NDArray[np.floating],
     core: FloatArray,
     vouched: NDArray[np.bool_],
+    cut: NDArray[np.bool_],
     params: DetectParams,
 ) -> NDArray[np.bool_]:
     """Size limits, and a solid chromatin core for regions too small to be sure of or built
-    only from pieces smaller than ``min_piece_um2``.
+    only from pieces smaller than ``min_piece_um2``. A region ``cut`` by the image's edge shows
+    only part of its nucleus: its size cannot speak against it, only the lack of both a solid
+    core and a vouching piece.
     """
     sized = (area_um2 >= params.min_area_um2) & (area_um2 <= params.max_area_um2)
     solid = core >= params.core_red_od
-    return sized & (solid | (vouched & (area_um2 >= params.solid_area_um2)))
+    whole = sized & (solid | (vouched & (area_um2 >= params.solid_area_um2)))
+    part = cut & (area_um2 >= params.min_piece_um2) & (area_um2 <= params.max_area_um2)
+    return whole | (part & (solid | vouched))
 
 
 def detect_cells(
@@ -639,7 +653,8 @@ def detect_cells(
     area_um2 = np.bincount(which, minlength=n + 1)[1:] * px_um**2
     core = _label_maximum(core_map, flat, which, n)
     vouched = _label_maximum(vouching, flat, which, n).astype(bool)
-    keep = np.flatnonzero(_accept(area_um2, core, vouched, params)) + 1
+    cut = _near_edge(labels, n, round(params.group_um / px_um) + 1)
+    keep = np.flatnonzero(_accept(area_um2, core, vouched, cut, params)) + 1
     # Renumber the kept cells 1..N and drop the rest.
     lookup = np.zeros(n + 1, dtype=np.int32)
     lookup[keep] = np.arange(1, len(keep) + 1)
