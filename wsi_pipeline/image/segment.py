@@ -2,17 +2,19 @@
 
 Pale cytoplasm has the colour and density of the red cells it touches (both are eosin-pink or
 lilac, and a neutrophil's cytoplasm is as dense as a red cell's rim), so colour alone cannot
-draw a white cell's boundary. A membrane is an edge, though: a marker-controlled watershed of
-the image's gradient grows each nucleus out to it, against markers of what is certainly not
-the cell:
+draw a white cell's boundary. A membrane is an edge, though: a marker-controlled watershed
+(OpenCV's, which floods by the largest colour difference between neighbours) grows each nucleus
+out to it, against markers of what is certainly not the cell:
 
-- glass, fainter than a quarter of a red cell's typical density;
-- red cells' cores, pixels whose whole neighbourhood is at least as dense and as
-  counterstained as a typical red cell, away from every nucleus;
+- glass, fainter than half a red cell's typical density;
+- red cells' cores, pixels whose whole neighbourhood is at least half as dense as the slide's
+  typical red cell and as close to the counterstain, away from every nucleus;
 - everything farther than ``cytoplasm_um`` from the nucleus.
 
-Touching white cells meet where their watersheds meet. Everything runs at the detector's
-working resolution, on its block-averaged optical density (:mod:`.detect`).
+Touching white cells meet where their floods meet; a leak through a narrow gap into a
+neighbouring red cell is opened off. Everything runs at the detector's working resolution, on
+its block-averaged optical density (:mod:`.detect`), in one window per group of nuclei within
+reach of each other.
 """
 
 from __future__ import annotations
@@ -49,8 +51,6 @@ class SegmentParams:
         like a red cell in spots).
     glass_share : float
         Glass is fainter than this share of a red cell's typical density.
-    smooth_um : float
-        Gaussian sigma applied before the gradient.
     neck_um : float
         Gaps narrower than this between a cell and what it leaked into are cut.
     """
@@ -59,7 +59,6 @@ class SegmentParams:
     red_core_um: float = 1.2
     nucleus_margin_um: float = 1.5
     glass_share: float = 0.5
-    smooth_um: float = 0.4
     neck_um: float = 2.5
 
 
@@ -95,7 +94,7 @@ def segment_cells(
         return cells
     reach = int(np.ceil(params.cytoplasm_um / px_um)) + max(1, round(params.red_core_um / px_um))
     height, width = nuclei.shape
-    group_of = np.zeros(n + 2, dtype=np.int32)  # label n + 1 is the watershed's background
+    group_of = np.zeros(n + 1, dtype=np.int32)  # the window group each nucleus belongs to
     for g, (labels, (y0, x0, y1, x1)) in enumerate(_windows(nuclei, n, reach), start=1):
         window = np.s_[max(0, y0) : min(height, y1), max(0, x0) : min(width, x1)]
         grown = _grow(od[window], stain, nuclei[window], px_um, params)
