@@ -45,7 +45,8 @@ DENSE_RED_OD = 1.7
 #: Pixels whose optical density (summed over channels, above the glass) reaches this are
 #: stained; Macenko's 0.15 per channel.
 STAINED_OD = 0.45
-#: Share of the stained pixels, those least like red cells, whose mean direction is chromatin.
+#: Share of the green-absorbing stained pixels, those least like red cells, whose median
+#: direction is chromatin.
 CHROMATIN_SHARE = 0.005
 #: Factor between the chromatin and counterstain red-to-green ratios from which the ratio
 #: alone parts them (each then lies a factor of at least 1.4 from the midpoint).
@@ -135,7 +136,9 @@ class StainModel:
 
     @property
     def _red_to_green_ratios(self) -> tuple[float, float]:
-        return tuple(v[0] / max(v[1], 1e-6) for v in (self.nucleus, self.counterstain))  # type: ignore[return-value]
+        """Red-to-green optical-density ratio of chromatin and of the counterstain."""
+        (nr, ng, _), (cr, cg, _) = self.nucleus, self.counterstain
+        return nr / max(ng, 1e-6), cr / max(cg, 1e-6)
 
     def warnings(self) -> list[str]:
         """Why this slide's stain lies outside what the detector was checked on, if it does."""
@@ -175,11 +178,14 @@ REFERENCE_STAIN = StainModel(
 def estimate_stain(od: NDArray[np.floating]) -> StainModel:
     """Estimate a slide's glass, chromatin and counterstain from optical densities.
 
-    The glass is the median of the faintest 2 % of pixels. Above it, the stained pixels'
-    densities span a plane (their two main directions); the two ends of their angle range in
-    that plane are the two stains (Macenko et al., ISBI 2009). Chromatin is the end whose pixels
-    are the denser. With too few stained pixels, or ends that do not part (a field of red cells
-    alone), the reference stain is returned with this slide's glass.
+    The glass is the median of the faintest 2 % of pixels. Above it, red cells are most of the
+    stained area, so the counterstain is the median direction of the stained pixels (and the
+    median stained pixel is a typical red cell). Chromatin is the median direction of the
+    :data:`CHROMATIN_SHARE` of green-absorbing stained pixels with the most density across the
+    counterstain; the third unmixing direction is what neither explains (in the spirit of
+    Macenko et al., ISBI 2009, but robust to nuclei being a tiny share of a blood smear). With
+    too few stained pixels, or chromatin that does not part from the counterstain (a field of
+    red cells alone), the reference stain is returned with this slide's glass.
 
     Parameters
     ----------
