@@ -37,7 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
-from skimage import morphology, segmentation
+from skimage import filters, morphology, segmentation
 
 from wsi_pipeline.core.schema import (
     CONTOUR_VERTICES,
@@ -240,23 +240,7 @@ def learn_threshold(stain: NDArray[np.floating], params: DetectParams = DetectPa
     median = float(np.median(values))
     spread = 1.4826 * float(np.median(np.abs(values - median)))
     above_noise = median + params.noise_sigmas * spread
-    return max(params.min_threshold, min(above_noise, _otsu(values)))
-
-
-def _otsu(values: NDArray[np.float64], bins: int = 256) -> float:
-    """The value that best splits ``values`` into two classes (Otsu, 1979)."""
-    counts, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight = np.cumsum(counts)
-    mean = np.cumsum(counts * centres)
-    total, grand = weight[-1], mean[-1]
-    low, high = weight[:-1], total - weight[:-1]
-    valid = (low > 0) & (high > 0)
-    between = np.zeros(len(low))
-    mu_low = mean[:-1][valid] / low[valid]
-    mu_high = (grand - mean[:-1][valid]) / high[valid]
-    between[valid] = low[valid] * high[valid] * (mu_low - mu_high) ** 2
-    return float(edges[1:][np.argmax(between)]) if valid.any() else float(np.inf)
+    return max(params.min_threshold, min(above_noise, float(filters.threshold_otsu(values))))
 
 
 def slide_params(
