@@ -690,9 +690,6 @@ def _table(
     cell_size = np.bincount(cell_which, minlength=n + 1)[1:]
     total_stain = np.bincount(which, weights=np.abs(stain.ravel()[flat]), minlength=n + 1)
     mean_stain = total_stain[1:] / nucleus_size
-    border = np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]])
-    edge = np.zeros(n + 1, dtype=bool)
-    edge[border] = True
     scale = px_um / level0_mpp  # level-0 pixels per working pixel
 
     def to_level0(rc: FloatArray) -> FloatArray:
@@ -711,7 +708,7 @@ def _table(
         nucleus_area_um2=(nucleus_size * px_um**2).astype(np.float32),
         nc_ratio=(nucleus_size / cell_size).astype(np.float32),
         circularity=_circularity(outline, cell_size).astype(np.float32),
-        edge=edge[1:],
+        edge=_near_edge(cells, n, 1),
         score=(1.0 - threshold / np.maximum(mean_stain, threshold)).astype(np.float32),
         tile_id=np.full(n, -1, dtype=np.int32),
     )
