@@ -20,13 +20,21 @@ its white-cell box, which outlines the whole cell (a proxy for whole-cell IoU wi
 in each): the share of crops whose centre lies in a detected cell's outline or within 4 µm of
 a detected nucleus's centre, per class.
 
+``not_cells`` is what a white-cell detector should not count: PBC's platelet and platelet-clump
+fields (single images, each with its own stain estimate, as ``wsi-run`` runs an image) and the
+MLL set's artefacts (``ART``: smudges, debris, red-cell clumps; 21 µm crops, one stain pooled
+as for ``marrow``). Detection passes them on; the classifier's ``ART`` class and the uncertain
+rule are the second line. For each set: detections per image, and the share of the detections
+that the shipped ``default`` card would count in the differential (a counted class, certain by
+the pipeline's default confidence and agreement rule).
+
 ``synthetic`` runs the same detector tile by tile over synthetic slides as ``wsi-run`` does (one
 stain estimate and threshold per slide) and scores the whole-cell outlines against the true cells
 (round, of known diameter): ``mean_cell_iou`` is the mean IoU of each matched cell's outline with
 its true disk.
 
 Usage: ``python benchmarks/detection.py [--data ../shared/data]
-[--sets bccd raabin marrow synthetic] [--limit N]``; prints one JSON document.
+[--sets bccd raabin marrow not_cells synthetic] [--limit N]``; prints one JSON document.
 """
 
 from __future__ import annotations
@@ -287,16 +295,78 @@ def evaluate_marrow_crops(data: Path, per_class: int = 100, reach_um: float = 4.
     }
 
 
+#: PBC's CellaVision fields, 0.100 µm/px (estimated from their red cells; see the default card).
+PBC_MPP = 0.100
+
+
+def _counted_share(crops: np.ndarray) -> float:
+    """Share of crops the shipped ``default`` card counts in a differential as a white cell."""
+    from wsi_pipeline.core.taxonomy import cell_class
+    from wsi_pipeline.model.classify import Classifier
+    from wsi_pipeline.results.counts import certain
+
+    if not len(crops):
+        return 0.0
+    classifier = Classifier("default", device="cpu")
+    prediction = classifier.predict(crops)
+    top = prediction.probabilities.argmax(1)
+    confidence = prediction.probabilities.max(1)
+    counted = np.array([cell_class(classifier.codes[k]).counted for k in top])
+    return float((counted & certain(confidence, prediction.agreement)).mean())
+
+
+def evaluate_not_cells(data: Path, limit: int | None = None) -> dict:
+    """Detections per image of platelet fields and marrow artefacts, and the share of those
+    detections the ``default`` card would count (see the module's docstring)."""
+    from wsi_pipeline.image.crops import crop_from_array
+    from wsi_pipeline.model.cards import resolve_card
+
+    model = resolve_card("default").model
+    sets = {
+        "pbc_platelets": (sorted((data / "pbc-platelets").glob("*.jpg"))[:limit], PBC_MPP),
+        "mll_artefacts": (sorted((data / "mll" / "ART").glob("*.jpg"))[:limit], MLL_MPP),
+    }
+    result = {}
+    for name, (paths, mpp) in sets.items():
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        pooled = name == "mll_artefacts"  # tight crops: one stain for the set, as for marrow
+        params = slide_params(images[:: max(1, len(images) // 40)], mpp) if pooled else None
+        crops, cpu = [], 0.0
+        for rgb in images:
+            start = time.process_time()
+            cells = detect_cells(rgb, mpp, params=params or DetectParams())
+            cpu += time.process_time() - start
+            if len(cells):
+                xy = np.column_stack([cells.x, cells.y])
+                crops.append(
+                    crop_from_array(rgb, mpp, xy, fov_um=model.fov_um, size_px=model.input_size)
+                )
+        found = (
+            np.concatenate(crops)
+            if crops
+            else np.empty((0, model.input_size, model.input_size, 3), np.uint8)
+        )
+        result[name] = {
+            "images": len(images),
+            "detections": len(found),
+            "detections_per_image": round(len(found) / max(len(images), 1), 4),
+            "counted_share_of_detections": round(_counted_share(found), 4),
+            "ms_cpu_per_image": round(1000 * cpu / max(len(images), 1), 3),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
-    names = [*sorted(SETS), "marrow", "synthetic"]
+    names = [*sorted(SETS), "marrow", "not_cells", "synthetic"]
     parser.add_argument("--sets", nargs="+", choices=names, default=names)
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set")
     args = parser.parse_args(argv)
     special = {
         "synthetic": evaluate_synthetic,
         "marrow": lambda: evaluate_marrow_crops(args.data),
+        "not_cells": lambda: evaluate_not_cells(args.data, args.limit),
     }
     result = {
         name: special[name]() if name in special else evaluate(args.data, name, limit=args.limit)
