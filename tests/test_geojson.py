@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import tracemalloc
 import uuid
+import zipfile
 
 import numpy as np
 import pytest
 import shapely.geometry
 
 from wsi_pipeline.core.taxonomy import cell_class
-from wsi_pipeline.results.geojson import UNCERTAIN_CLASS, GeoJSONWriter, hex_to_rgb, write_geojson
+from wsi_pipeline.results.geojson import (
+    UNCERTAIN_CLASS,
+    GeoJSONWriter,
+    cell_uuid,
+    hex_to_rgb,
+    open_geojson,
+    write_geojson,
+)
 
 CODES = ("BLA", "EBO", "NGS")
 COLORS = {code: hex_to_rgb(cell_class(code).colour) for code in CODES}
+SLIDE_SHA = "ab" * 32
 REGION = [np.array([[0, 0], [5000, 0], [5000, 4000], [0, 4000]], dtype=float)]
 
 
@@ -23,10 +31,11 @@ def cell_batches(n_batches: int, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     angle = np.linspace(0, 2 * np.pi, 32, endpoint=False)
     circle = np.stack([np.cos(angle), np.sin(angle)], axis=1) * 24
-    for _ in range(n_batches):
+    for batch in range(n_batches):
         probabilities = rng.dirichlet(np.ones(len(CODES)), n).astype(np.float32)
         centres = rng.uniform(100, 3900, (n, 1, 2))
         yield {
+            "id": batch * n + np.arange(n, dtype=np.int64),
             "contour": (circle[None] + centres).astype(np.float32),
             "nucleus_contour": (circle[None] / 2 + centres).astype(np.float32),
             "top_class": probabilities.argmax(1).astype(np.int16),
@@ -40,13 +49,14 @@ def cell_batches(n_batches: int, n: int, seed: int = 0):
         }
 
 
-@pytest.mark.parametrize("name", ["demo.geojson", "demo.geojson.gz"])
+@pytest.mark.parametrize("name", ["demo.geojson", "demo.geojson.zip"])
 def test_every_feature_follows_qupath_rules(tmp_path, name):
     path = write_geojson(
-        tmp_path / name, cell_batches(3, 40), CODES, COLORS, region=REGION, threshold=0.5
+        tmp_path / name, cell_batches(3, 40), CODES, SLIDE_SHA, region=REGION, threshold=0.5
     )
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as stream:
+    if name.endswith(".zip"):  # QuPath reads the .geojson entries of a zip
+        assert zipfile.ZipFile(path).namelist() == ["demo.geojson"]
+    with open_geojson(path) as stream:
         document = json.load(stream)
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
     assert document["type"] == "FeatureCollection"
@@ -73,6 +83,7 @@ def test_every_feature_follows_qupath_rules(tmp_path, name):
     assert len(ids) == len(features)
 
     region, *cells = features
+    rows = []
     assert region["properties"]["objectType"] == "annotation"
     assert region["geometry"]["coordinates"][0][2] == [5000.0, 4000.0]
     for feature in cells:
@@ -85,6 +96,11 @@ def test_every_feature_follows_qupath_rules(tmp_path, name):
         assert shapely.geometry.shape(feature["geometry"]).contains(nucleus)
         measurements = props["measurements"]
         assert isinstance(measurements, dict)
+        cell_id = measurements.pop("Cell id")
+        assert isinstance(cell_id, int)
+        rows.append(cell_id)
+        # The same id on every run: derived from the slide and the cell's row.
+        assert feature["id"] == cell_uuid(SLIDE_SHA, cell_id)
         assert all(isinstance(v, float) for v in measurements.values())
         assert set(measurements) == {
             "Confidence",
@@ -99,13 +115,15 @@ def test_every_feature_follows_qupath_rules(tmp_path, name):
             assert name == UNCERTAIN_CLASS
         else:
             best = max(CODES, key=lambda c: measurements[f"Probability {c}"])
-            assert name == best and props["classification"]["color"] == list(COLORS[best])
+            assert name == cell_class(best).label == f"{cell_class(best).name} ({best})"
+            assert props["classification"]["color"] == list(COLORS[best])
+    assert sorted(rows) == list(range(120))
 
 
 def test_memory_does_not_grow_with_the_cell_count(tmp_path):
     def peak(n_batches: int) -> int:
         tracemalloc.start()
-        write_geojson(tmp_path / "m.geojson", cell_batches(n_batches, 500), CODES, COLORS)
+        write_geojson(tmp_path / "m.geojson", cell_batches(n_batches, 500), CODES, SLIDE_SHA)
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         return top
@@ -114,17 +132,11 @@ def test_memory_does_not_grow_with_the_cell_count(tmp_path):
     assert large < 1.5 * small  # 8x the cells, about the same peak: features are streamed
 
 
-def test_missing_colour_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="no colour for classes NGS"):
-        write_geojson(tmp_path / "x.geojson", [], CODES, {"BLA": (1, 2, 3), "EBO": (1, 2, 3)})
-    assert not any(tmp_path.iterdir())
-
-
 def test_nothing_is_published_before_commit(tmp_path):
     path = tmp_path / "demo.geojson"
     with (
         pytest.raises(RuntimeError, match="classifier failed"),
-        GeoJSONWriter(path, CODES, COLORS, region=REGION) as out,
+        GeoJSONWriter(path, CODES, SLIDE_SHA, region=REGION) as out,
     ):
         out.write(next(cell_batches(1, 10)))
         assert not path.exists()  # only the hidden partial file so far

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from wsi_pipeline.core.schema import CELL_FIELDS
 from wsi_pipeline.image.slide import open_slide
 from wsi_pipeline.model import classify
 from wsi_pipeline.model.cards import load_card
+from wsi_pipeline.results.geojson import open_geojson
 from wsi_pipeline.results.store import read_summary
 from wsi_pipeline.run import publish, tuning
 from wsi_pipeline.run.local import run_slide
@@ -194,7 +194,7 @@ def test_a_run_failing_midway_gives_torch_its_threads_back(synthetic, tmp_path, 
 )
 def test_real_he_slides_complete_and_say_what_they_found(shared_data, tmp_path, name, mpp):
     needs_weights("default")
-    args = [BIN / "wsi-run", shared_data / "slides" / name, "--out", tmp_path, "--quiet", "--gzip"]
+    args = [BIN / "wsi-run", shared_data / "slides" / name, "--out", tmp_path, "--quiet", "--zip"]
     args += ["--saliency", "none"]  # saliency is checked on the synthetic slide
     done = subprocess.run(
         [*args, *(["--mpp", str(mpp)] if mpp else [])], capture_output=True, text=True
@@ -208,7 +208,7 @@ def test_real_he_slides_complete_and_say_what_they_found(shared_data, tmp_path, 
     assert any("not assessable" in flag for flag in counts["flags"])
     if counts["countable"] < 500:
         assert any("500" in warning for warning in counts["warnings"])
-    with gzip.open(tmp_path / f"{stem}.geojson.gz", "rt") as stream:
+    with open_geojson(tmp_path / f"{stem}.geojson.zip") as stream:
         assert json.load(stream)["type"] == "FeatureCollection"
     page = (tmp_path / f"{stem}.report.html").read_text()
     assert 'id="differential"' in page

@@ -66,10 +66,9 @@ def test_the_store_refuses_an_undeclared_field_or_dtype(tmp_path):
 
 
 def test_geojson_measurements_are_the_schema_measured_fields(tmp_path):
-    colours = dict.fromkeys(CODES, (1, 2, 3))
     batch = full_batch()
     batch["contour"][:] = np.random.default_rng(0).random(batch["contour"].shape)
-    with GeoJSONWriter(tmp_path / "s.geojson", CODES, colours) as writer:
+    with GeoJSONWriter(tmp_path / "s.geojson", CODES, "0" * 64) as writer:
         writer.write(batch)
         path = writer.commit()
     features = json.loads(path.read_text())["features"]

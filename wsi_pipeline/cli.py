@@ -255,7 +255,19 @@ def _image_mpp_option(multiple: bool = False) -> Callable[[Callable], Callable]:
     show_default=True,
     help="Test-time augmentation: number of flips/90-degree rotations averaged (0 = none).",
 )
-@click.option("--gzip", "gzip_geojson", is_flag=True, help="Write <slide-stem>.geojson.gz.")
+@click.option(
+    "--zip",
+    "zip_geojson",
+    is_flag=True,
+    help="Write <slide-stem>.geojson.zip (deflated; QuPath 0.4-0.6 imports it as it is).",
+)
+@click.option(
+    "--gzip",
+    "gzip_geojson",
+    is_flag=True,
+    hidden=True,
+    help="Deprecated: QuPath cannot import .geojson.gz; same as --zip.",
+)
 @click.option(
     "--on-bad-tile",
     type=click.Choice(BAD_TILE_CHOICES),
@@ -286,6 +298,7 @@ def run(
     workflow: str | None,
     quiet: bool,
     verbose: bool,
+    gzip_geojson: bool,
     **settings,
 ) -> None:
     """Count the white cells of SLIDE: a slide file, a DICOM folder or a folder of slides.
@@ -296,6 +309,9 @@ def run(
     """
     from wsi_pipeline.image.slide import find_slides
 
+    if gzip_geojson:  # it wrote .geojson.gz, which QuPath does not import
+        click.echo("warning: --gzip is deprecated; writing .geojson.zip (--zip)", err=True)
+        settings["zip_geojson"] = True
     options = RunOptions(mpp=mpp, **settings)
     slides = find_slides(slide)
     # Held before anything loads: a second run into OUT is refused at once.

@@ -79,7 +79,16 @@ class CellField:
 
 
 CELL_FIELDS: tuple[CellField, ...] = (
-    CellField("id", "int64", (), "", "write", "Row of the cell in the store, from 0 in order."),
+    CellField(
+        "id",
+        "int64",
+        (),
+        "",
+        "write",
+        "Row of the cell in the store, from 0 in order.",
+        measurement="Cell id",
+        decimals=0,
+    ),
     CellField("x", "float64", (), "level-0 px", "detect", "Centre of the nucleus, x."),
     CellField("y", "float64", (), "level-0 px", "detect", "Centre of the nucleus, y."),
     CellField(
@@ -186,6 +195,17 @@ CELL_FIELDS: tuple[CellField, ...] = (
         measurement="Snapshot agreement",
         decimals=3,
     ),
+    CellField(
+        "review_priority",
+        "float32",
+        (),
+        "",
+        "classify",
+        "1 - confidence x agreement: the cells an expert's look teaches the most score highest "
+        "(least confident, members disagreeing).",
+        measurement="Review priority",
+        decimals=3,
+    ),
 )
 
 _BY_NAME = {f.name: f for f in CELL_FIELDS}
@@ -194,8 +214,10 @@ _BY_NAME = {f.name: f for f in CELL_FIELDS}
 MEASURED_FIELDS: tuple[CellField, ...] = tuple(
     _BY_NAME[name]
     for name in (
+        "id",
         "confidence",
         "agreement",
+        "review_priority",
         "cell_area_um2",
         "nucleus_area_um2",
         "nc_ratio",

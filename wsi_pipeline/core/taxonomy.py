@@ -15,6 +15,7 @@ __all__ = [
     "TOLERATED_CONFUSIONS",
     "CellClass",
     "cell_class",
+    "class_of_label",
     "codes",
     "group_of",
 ]
@@ -66,6 +67,11 @@ class CellClass:
         """Whether the class enters the denominator of a marrow differential."""
         return self.group not in _UNCOUNTED_GROUPS
 
+    @property
+    def label(self) -> str:
+        """The name shown to a reader and in QuPath, with the code: ``"Blast (BLA)"``."""
+        return f"{self.name} ({self.code})"
+
 
 CLASSES: tuple[CellClass, ...] = (
     CellClass("ABE", "Abnormal eosinophil", "eosinophils", "#c0392b"),
@@ -92,6 +98,7 @@ CLASSES: tuple[CellClass, ...] = (
 )
 
 _BY_CODE = {c.code: c for c in CLASSES}
+_BY_LABEL = {c.label: c for c in CLASSES}
 
 #: Unordered pairs of neighbouring maturation stages whose confusion the "tolerant" metrics
 #: accept (granulopoiesis PMO-MYB-MMZ-NGB-NGS and erythropoiesis PEB-EBO; Matek et al. 2021).
@@ -120,6 +127,23 @@ def cell_class(code: str) -> CellClass:
         raise KeyError(
             f"unknown cell class {code!r}; expected one of {', '.join(_BY_CODE)}"
         ) from None
+
+
+def class_of_label(label: str) -> CellClass:
+    """The :class:`CellClass` of a label (``"Blast (BLA)"``, see :attr:`CellClass.label`) or of
+    a bare code (``"BLA"``).
+
+    Raises
+    ------
+    KeyError
+        With the list of known labels when ``label`` is neither.
+    """
+    text = label.strip()
+    found = _BY_LABEL.get(text) or _BY_CODE.get(text)
+    if found is None:
+        known = ", ".join(f'"{c.label}"' for c in CLASSES)
+        raise KeyError(f"unknown cell class {label!r}; expected one of {known}")
+    return found
 
 
 def group_of(code: str) -> str:

@@ -112,7 +112,7 @@ def prepare(
     start = time.perf_counter()
     slide = _open(path, options.mpp)
     checksum = slide_checksum(path)
-    paths = output_paths(Path(out), stem, options.gzip_geojson)
+    paths = output_paths(Path(out), stem, options.zip_geojson)
     if _reusable(paths, result_key(checksum, card, options)):
         return Reused(paths["store"])
     plan = plan_slide(slide, card, options, checksum=checksum, stem=stem)

@@ -42,8 +42,8 @@ class RunOptions:
         uncertain.
     tta : int
         Dihedral test-time transforms averaged (0: none).
-    gzip_geojson : bool
-        Write ``.geojson.gz`` instead of ``.geojson``.
+    zip_geojson : bool
+        Write ``.geojson.zip`` (a zip archive QuPath imports) instead of ``.geojson``.
     on_bad_tile : str
         A tile whose pixels cannot be decoded is left out of the count and recorded (``skip``),
         or stops the run (``stop``); see :data:`BAD_TILE_CHOICES`.
@@ -59,7 +59,7 @@ class RunOptions:
     min_confidence: float = DEFAULT_CONFIDENCE_THRESHOLD
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     tta: int = 0
-    gzip_geojson: bool = False
+    zip_geojson: bool = False
     on_bad_tile: str = "skip"
 
     def __post_init__(self) -> None:

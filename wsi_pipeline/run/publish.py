@@ -22,7 +22,7 @@ from wsi_pipeline.model import explain
 from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
 from wsi_pipeline.results.counts import Differential, differential
-from wsi_pipeline.results.geojson import GeoJSONWriter, hex_to_rgb
+from wsi_pipeline.results.geojson import GeoJSONWriter
 from wsi_pipeline.results.report import write_report
 from wsi_pipeline.results.store import ResultWriter
 from wsi_pipeline.run.options import RunOptions
@@ -106,11 +106,11 @@ def result_key(slide_sha256: str, card: ClassifierCard, options: RunOptions) -> 
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
-def output_paths(out_dir: Path, stem: str, gzip_geojson: bool) -> dict[str, Path]:
-    """Where a slide's outputs go: ``OUT/<stem>.zarr``, ``.geojson[.gz]``, ``.report.html``."""
+def output_paths(out_dir: Path, stem: str, zip_geojson: bool) -> dict[str, Path]:
+    """Where a slide's outputs go: ``OUT/<stem>.zarr``, ``.geojson[.zip]``, ``.report.html``."""
     return {
         "store": out_dir / f"{stem}.zarr",
-        "geojson": out_dir / f"{stem}.geojson{'.gz' if gzip_geojson else ''}",
+        "geojson": out_dir / f"{stem}.geojson{'.zip' if zip_geojson else ''}",
         "report": out_dir / f"{stem}.report.html",
         "mosaics": out_dir / f"{stem}.mosaics",
     }
@@ -145,17 +145,16 @@ def write_outputs(
     card = classifier.card
     timings = dict(plan.timings)
     stage = stage_timer(timings)
-    paths = output_paths(out_dir, plan.stem, options.gzip_geojson)
+    paths = output_paths(out_dir, plan.stem, options.zip_geojson)
     chosen = ExplainedCells(options.saliency_cells)
     key = result_key(plan.attrs["slide"]["sha256"], card, options)
     attrs = {**plan.attrs, "result_key": key}
-    colours = {c.code: hex_to_rgb(c.colour) for c in card.classes}
     with (
         ResultWriter(out_dir, plan.stem, card.codes, card.model.input_size, attrs) as writer,
         GeoJSONWriter(
             paths["geojson"],
             card.codes,
-            colours,
+            attrs["slide"]["sha256"],
             region=plan.region,
             threshold=options.min_confidence,
             min_agreement=options.min_agreement,

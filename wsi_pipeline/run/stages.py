@@ -236,18 +236,20 @@ def _no_cells(crop_size: int) -> TileCells:
 
 
 def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> TileCells:
-    """The same cells with ``probabilities``, ``top_class``, ``confidence`` and ``agreement``
-    added."""
+    """The same cells with ``probabilities``, ``top_class``, ``confidence``, ``agreement`` and
+    ``review_priority`` added."""
     start = time.perf_counter()
     prediction = classifier.predict(cells.crops, tta)
     probabilities = prediction.probabilities
     top = probabilities.argmax(axis=1)
+    confidence = probabilities[np.arange(len(top)), top]
     columns = {
         **cells.columns,
         "probabilities": probabilities,
         "top_class": top.astype(np.int16),
-        "confidence": probabilities[np.arange(len(top)), top],
+        "confidence": confidence,
         "agreement": prediction.agreement,
+        "review_priority": 1.0 - confidence * prediction.agreement,
     }
     check_columns(columns, len(classifier.card.codes), required=field_names("detect", "classify"))
     seconds = {**cells.seconds, "classify": time.perf_counter() - start}
