@@ -100,7 +100,7 @@ class _Fraction(click.FloatRange):
         return number
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsi-pipeline")
 def wsi() -> None:
     """Differential cell counts of bone-marrow aspirate whole-slide images."""
@@ -427,10 +427,61 @@ def inspect(store: Path, as_json: bool) -> None:
 
 
 @wsi.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("edited", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="New folder to write: crops in the MLL layout, changes.csv, corrections.json.",
+)
+@click.option(
+    "--scope",
+    type=click.Choice(["slide", "reviewed"]),
+    default="slide",
+    show_default=True,
+    help="What EDITED holds: every cell of the slide (a missing cell was deleted: not a cell), "
+    "or only the cells the expert reviewed (an unchanged one is confirmed and kept).",
+)
+@click.option(
+    "--slide",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The slide file, if it moved since the run (default: the path the store records).",
+)
+@click.option(
+    "--card",
+    default=None,
+    help="Cut the crops for this card (name or .toml; default: the run's card).",
+)
+def corrections(
+    store: Path, edited: Path, out: Path, scope: str, slide: Path | None, card: str | None
+) -> None:
+    """Turn an expert's corrections of a slide's cells into training data.
+
+    STORE is the slide's result store (<slide-stem>.zarr); EDITED is the GeoJSON QuPath exported
+    after the expert changed classes, deleted objects that are not cells and added missed cells
+    (examples/export_corrections.groovy). Every corrected, deleted (as ART), added or confirmed
+    cell is cut again from the slide into OUT/<CODE>/, ready for wsi train --init.
+    """
+    from wsi_pipeline.learn.corrections import ACTIONS, collect_corrections
+
+    folder, found = collect_corrections(store, edited, out, slide=slide, card=card, scope=scope)
+    counts = {action: sum(c.action == action for c in found) for action in ACTIONS}
+    said = ", ".join(f"{n} {action}" for action, n in counts.items() if n)
+    click.echo(f"{folder}: {len(found)} cells ({said}); changes.csv lists them")
+
+
+@wsi.command()
 @click.argument(
     "data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
 )
-@click.option("--card", required=True, help="Template card (name or .toml): model and classes.")
+@click.option(
+    "--card",
+    default=None,
+    help="Template card (name or .toml): model and classes. Required unless --init gives the "
+    "parent card, whose model and classes are then kept.",
+)
 @click.option(
     "--out",
     required=True,
@@ -484,15 +535,23 @@ def inspect(store: Path, as_json: bool) -> None:
 )
 def train(
     data: tuple[Path, ...],
-    card: str,
+    card: str | None,
     out: Path,
     workdir: str | None,
     image_mpp: tuple[float, ...],
     **config,
 ) -> None:
     """Train a classifier card on DATA..., folders of labelled cell images (one subfolder per
-    MLL code), each at its own pixel size (--image-mpp)."""
+    MLL code), each at its own pixel size (--image-mpp).
+
+    With --init, fine-tune a trained card instead, e.g. on a folder written by wsi corrections:
+    the new card names its parent and the corrections (with checksums) in its provenance.
+    """
     from wsi_pipeline.learn.train import TrainConfig, train_classifier
+
+    card = card or config["init"]
+    if card is None:
+        raise click.UsageError("give --card (a template), or --init (a trained card to fine-tune)")
 
     train_config = TrainConfig(image_mpp=image_mpp or None, **config)
     result = train_classifier(data, card, out, train_config, workdir=workdir)

@@ -20,6 +20,7 @@ The split is fixed per patient (or per image when patients are unknown) by
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -42,6 +43,7 @@ from wsi_pipeline.learn.calibrate import (
     expected_calibration_error,
     fit_temperature,
 )
+from wsi_pipeline.learn.corrections import MANIFEST
 from wsi_pipeline.learn.datasets import load_crops_cached, scan_labelled_folder, split_of
 from wsi_pipeline.model.cards import (
     ClassifierCard,
@@ -300,13 +302,18 @@ def train_classifier(
 
     splits = _load_splits(folders, template, config)
     train = splits["train"]
-    if len(np.unique(train.labels)) < len(template.codes):
-        missing = sorted(set(template.codes) - {template.codes[i] for i in np.unique(train.labels)})
-        raise InputError(folders[0], f"training split has no images of {', '.join(missing)}")
-    mean, std = _channel_stats(train.crops)
-    template = dataclasses.replace(
-        template, model=dataclasses.replace(template.model, mean=tuple(mean), std=tuple(std))
-    )
+    present = {template.codes[i] for i in np.unique(train.labels)}
+    if not present:
+        raise InputError(folders[0], "the training split holds no images")
+    if config.init is None:
+        # From scratch every class needs examples; fine-tuning keeps what the parent knows of
+        # the classes a lab's corrections lack, and the parent's input normalisation.
+        if len(present) < len(template.codes):
+            missing = ", ".join(sorted(set(template.codes) - present))
+            raise InputError(folders[0], f"training split has no images of {missing}")
+        mean, std = _channel_stats(train.crops)
+        model_config = dataclasses.replace(template.model, mean=tuple(mean), std=tuple(std))
+        template = dataclasses.replace(template, model=model_config)
     log(
         f"{len(train.labels)} train, {len(splits['val'].labels)} val, "
         f"{len(splits['test'].labels)} test images on {device}"
@@ -318,8 +325,24 @@ def train_classifier(
     # torch accepts memory_format= in Module.to; its stubs list no overload with it.
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     snapshots, history = fit(model, template, train, splits["val"], config, workdir, log)
-    sources = {"sources": [str(f) for f in folders], "parent": parent}
+    sources = {
+        "sources": [str(f) for f in folders],
+        "parent": parent,
+        "corrections": _corrections_manifests(folders),
+    }
     return _export(template, snapshots, model, splits, out, config, history, device, sources)
+
+
+def _corrections_manifests(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """Where each corrections folder among ``folders`` came from (its ``corrections.json``,
+    written by ``wsi corrections``): store, slide and edited export, with checksums."""
+    found = []
+    for folder in folders:
+        manifest = folder / MANIFEST
+        if manifest.is_file():
+            record = json.loads(manifest.read_text(encoding="utf-8"))
+            found.append({"folder": str(folder), **record})
+    return found
 
 
 def _start_from(model: torch.nn.Module, init: str) -> dict[str, Any]:
@@ -496,6 +519,7 @@ def _export(
             **{k: v for k, v in dataclasses.asdict(config).items() if v is not None},
             "folders": data["sources"],
             **({"parent": data["parent"]} if data["parent"] else {}),
+            **({"corrections": data["corrections"]} if data["corrections"] else {}),
             "augmentation": AUGMENT.as_dict(),
             "n_train_steps": history[-1]["step"] if history else 0,
             "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),

@@ -35,6 +35,7 @@ __all__ = [
     "ResultWriter",
     "store_path",
     "software_versions",
+    "read_cells",
     "read_summary",
     "format_summary",
 ]
@@ -349,6 +350,23 @@ def _open_complete(path: Path) -> zarr.Group:
     if attrs.get("status") != "complete":
         raise InputError(path, f"incomplete result store (status {attrs.get('status')!r})")
     return root
+
+
+def read_cells(store: str | Path, *names: str) -> tuple[dict[str, Any], dict[str, NDArray]]:
+    """The attributes of a complete result store and its ``cells/<name>`` columns ``names``.
+
+    Raises
+    ------
+    InputError
+        The path is not a result store, its status is not ``complete``, or a column is missing.
+    """
+    path = Path(store)
+    root = _open_complete(path)
+    try:
+        columns = {name: np.asarray(_array(root, f"cells/{name}")[:]) for name in names}
+    except KeyError as missing:
+        raise InputError(path, f"the store has no column {missing}") from None
+    return root.attrs.asdict(), columns
 
 
 def read_summary(store: str | Path) -> dict[str, Any]:
