@@ -1,41 +1,70 @@
-"""Transfer check of the ``default`` classifier on BCCD (other microscope, other lab).
+"""A lab adapts the ``default`` card to its own smears through ``wsi corrections``: BCCD.
 
-Crops of 32 µm are cut around every BCCD white-cell box whose type is known (``labels.csv``;
-images whose boxes cannot be matched to one type are skipped) at the pixel size estimated from
-the red-cell boxes (7.5 µm / median box side). The five BCCD types are scored:
+BCCD (another lab, microscope and stain; Wright/Giemsa blood smears, ``../shared/data/bccd``)
+plays the lab. Its images whose white cells have one known type (``labels.csv``) are dealt, by
+image and within each type, into ``--folds`` folds. For each fold, the other folds are the *pool*
+an expert reviews and the fold is *held out*, never used for training. Each part is laid out as
+one slide: a mosaic of its images on white glass, a tiled TIFF at the pixel size estimated from
+the red-cell boxes (7.5 µm / median box side). Then, exactly as a lab would:
 
-* before fine-tuning: ``default``'s probabilities summed per type (NGS + NGB for neutrophils;
-  its immature and erythroid classes are left out of the argmax);
-* after fine-tuning: 5-fold cross-validation by image, each fold fine-tuning every member of
-  ``default``'s ensemble (all layers, small learning rate) on the other four folds with the
-  types mapped to its classes, then scoring the held-out fold; the held-out predictions of all
-  folds are pooled.
+1. ``wsi run pool.tif`` with the ``default`` card writes the store and the QuPath GeoJSON.
+2. The expert reviews the pool image by image, in a seeded random order, until ``N`` cells are
+   reviewed (N = 25, 50, 100, 200): a cell in a white-cell box gets the box's type (neutrophil:
+   ``NGS``), a second cell in one box and a cell outside every box become ``Artefact (ART)``, a
+   box without a cell gets a point of its type (an added cell). The reviewed cells are exported
+   as QuPath does, and ``wsi corrections --scope reviewed`` turns them into a labelled folder.
+3. ``wsi train --init default`` fine-tunes the lab card on that folder: every member of the
+   parent's ensemble, all layers, AdamW 3e-4, batch 16, about ``--presentations`` crops seen
+   per member, ``wsi train``'s defaults for fine-tuning otherwise (one-lab augmentation, the
+   parent's answers kept with weight ``--distill``), 20 % of the cells for calibration.
+4. ``wsi run heldout.tif`` with the parent and with each lab card; each held-out white-cell box
+   matched by a detected cell (centre inside the box) is scored by its type. The type of a cell
+   is the argmax of the card's probabilities summed per BCCD type (``NGS`` + ``NGB`` for
+   neutrophils; classes outside the five types are left out), as for a blood differential.
 
-Prints one JSON document. Usage: ``python benchmarks/bccd_transfer.py [--data DIR]``
+What a lab card forgets is measured too: its recall of the marrow classes BCCD never shows
+(blasts, promyelocytes), on the MLL crops of the ``default`` card's own test split (never trained
+on), against the parent's (``retained``).
+
+The held-out predictions of all folds are pooled (every typed cell is held out once). Macro F1
+is over the types with at least ``--min-support`` pooled cells: BCCD has one basophil in all,
+which no split can score. ``corrected`` counts the reviewed cells whose class changed or that
+were added; ``reviewed`` counts all (summed over folds in the pooled rows).
+
+Usage: ``python benchmarks/bccd_transfer.py [--data DIR] [--out DIR] [--plot PNG]``; prints
+one JSON document.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
+import math
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
+import zarr
 from PIL import Image
 
+from wsi_pipeline.core.taxonomy import cell_class
+from wsi_pipeline.learn.datasets import load_crops, split_of
 from wsi_pipeline.learn.evaluate import classification_report
-from wsi_pipeline.learn.train import LabelledCrops, TrainConfig, fit
+from wsi_pipeline.model.cards import resolve_card
 from wsi_pipeline.model.classify import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 TYPES = ("BASOPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
-#: default's classes that make up each BCCD type; the first one is the fine-tuning target.
+#: The card's classes that make up each BCCD type; the first is the expert's label.
 TYPE_CODES = {
     "BASOPHIL": ("BAS",),
     "EOSINOPHIL": ("EOS",),
@@ -44,17 +73,20 @@ TYPE_CODES = {
     "NEUTROPHIL": ("NGS", "NGB"),
 }
 RBC_DIAMETER_UM = 7.5
+GAP_PX = 48  # white glass between the images of a mosaic
 
 
 @dataclass
-class Cells:
-    crops: np.ndarray
-    types: np.ndarray  # index into TYPES
-    images: list[str]
+class Field:
+    """One BCCD image: its white-cell boxes (xmin, ymin, xmax, ymax) and their type."""
+
+    name: str
+    type: int
+    boxes: np.ndarray
 
 
-def _boxes(annotation: Path) -> dict[str, list[tuple[int, int, int, int]]]:
-    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
+def _boxes(annotation: Path) -> dict[str, list[tuple[int, ...]]]:
+    boxes: dict[str, list[tuple[int, ...]]] = {}
     for obj in ET.parse(annotation).getroot().iter("object"):
         box = obj.find("bndbox")
         coords = tuple(int(float(box.find(k).text)) for k in ("xmin", "ymin", "xmax", "ymax"))
@@ -62,124 +94,337 @@ def _boxes(annotation: Path) -> dict[str, list[tuple[int, int, int, int]]]:
     return boxes
 
 
-def _estimate_mpp(all_boxes: list[dict]) -> float:
-    sides = [
-        ((x1 - x0) + (y1 - y0)) / 2
-        for boxes in all_boxes
-        for x0, y0, x1, y1 in boxes.get("RBC", [])
-    ]
-    return RBC_DIAMETER_UM / float(np.median(sides))
-
-
-def _crop(image: np.ndarray, centre: tuple[float, float], side: int, size: int) -> np.ndarray:
-    """A ``side``-px square around ``centre`` resized to ``size``; background colour past the
-    border (mirroring would duplicate the cell)."""
-    h, w = image.shape[:2]
-    padded = np.empty((h + 2 * side, w + 2 * side, 3), np.uint8)
-    padded[:] = np.median(image.reshape(-1, 3), 0).astype(np.uint8)
-    padded[side : side + h, side : side + w] = image
-    x0, y0 = round(centre[0] - side / 2) + side, round(centre[1] - side / 2) + side
-    square = Image.fromarray(padded[y0 : y0 + side, x0 : x0 + side])
-    return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
-
-
-def load_cells(data: Path, fov_um: float, size: int) -> tuple[Cells, float]:
-    """Crops of the typed WBC boxes of BCCD and the estimated microns per pixel."""
+def load_fields(data: Path) -> tuple[list[Field], float]:
+    """The images whose white cells have one known type, and the estimated µm per pixel."""
     with open(data / "labels.csv", newline="") as stream:
         labels = {row["image"]: row["wbc_types"] for row in csv.DictReader(stream)}
     annotations = {name: _boxes(data / "Annotations" / f"{name}.xml") for name in labels}
-    mpp = _estimate_mpp(list(annotations.values()))
-    side = round(fov_um / mpp)
-    crops, types, images = [], [], []
+    sides = [
+        ((x1 - x0) + (y1 - y0)) / 2
+        for boxes in annotations.values()
+        for x0, y0, x1, y1 in boxes.get("RBC", [])
+    ]
+    fields = []
     for name, listed in labels.items():
         kinds = {t.strip() for t in listed.split(",") if t.strip()}
         wbcs = annotations[name].get("WBC", [])
-        if len(kinds) != 1 or not wbcs:  # unknown, or two types we cannot tell apart
-            continue
-        kind = TYPES.index(kinds.pop())
-        image = np.asarray(Image.open(data / "JPEGImages" / f"{name}.jpg").convert("RGB"))
-        for x0, y0, x1, y1 in wbcs:
-            crops.append(_crop(image, ((x0 + x1) / 2, (y0 + y1) / 2), side, size))
-            types.append(kind)
-            images.append(name)
-    return Cells(np.stack(crops), np.array(types), images), mpp
+        if len(kinds) == 1 and wbcs:  # unknown, or two types we cannot tell apart: skipped
+            fields.append(Field(name, TYPES.index(kinds.pop()), np.array(wbcs, dtype=float)))
+    return fields, RBC_DIAMETER_UM / float(np.median(sides))
 
 
-def type_predictions(probabilities: np.ndarray, codes: tuple[str, ...]) -> np.ndarray:
-    """Argmax over the BCCD types of the summed probabilities of their classes."""
-    summed = np.stack(
-        [probabilities[:, [codes.index(c) for c in TYPE_CODES[t]]].sum(1) for t in TYPES], 1
-    )
-    return summed.argmax(1)
-
-
-def folds_by_image(images: list[str], types: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold of each cell: images dealt round-robin within each type, in a seeded order."""
+def assign_folds(fields: list[Field], k: int, seed: int) -> np.ndarray:
+    """Fold of each image: within each type, the images dealt round-robin in a seeded order."""
     rng = np.random.default_rng(seed)
-    first_type = {}
-    for image, kind in zip(images, types, strict=True):
-        first_type.setdefault(image, kind)
-    fold_of_image = {}
+    folds = np.empty(len(fields), dtype=int)
     for kind in range(len(TYPES)):
-        names = sorted(n for n, t in first_type.items() if t == kind)
-        for i, name in enumerate(rng.permutation(names)):
-            fold_of_image[name] = i % k
-    return np.array([fold_of_image[name] for name in images])
+        members = sorted(
+            (i for i, f in enumerate(fields) if f.type == kind), key=lambda i: fields[i].name
+        )
+        for rank, index in enumerate(rng.permutation(members)):
+            folds[index] = rank % k
+    return folds
+
+
+def write_mosaic(fields: list[Field], data: Path, path: Path) -> dict[str, tuple[int, ...]]:
+    """Lay the images out on white glass as one tiled TIFF; each image's place (x, y, w, h)."""
+    first = Image.open(data / "JPEGImages" / f"{fields[0].name}.jpg")
+    w, h = first.size
+    columns = math.ceil(math.sqrt(len(fields) * h / w))
+    rows = math.ceil(len(fields) / columns)
+    shape = (rows * (h + GAP_PX) + GAP_PX, columns * (w + GAP_PX) + GAP_PX, 3)
+    mosaic = np.full(shape, 255, np.uint8)
+    corners = {}
+    for k, field in enumerate(fields):
+        y, x = GAP_PX + (k // columns) * (h + GAP_PX), GAP_PX + (k % columns) * (w + GAP_PX)
+        image = np.asarray(Image.open(data / "JPEGImages" / f"{field.name}.jpg").convert("RGB"))
+        image = image[:h, :w]  # BCCD's images are all 640 x 480
+        mosaic[y : y + image.shape[0], x : x + image.shape[1]] = image
+        corners[field.name] = (x, y, image.shape[1], image.shape[0])
+    tifffile.imwrite(path, mosaic, tile=(256, 256), photometric="rgb", compression="zlib")
+    return corners
+
+
+def wsi(*args: object) -> str:
+    done = subprocess.run([BIN / "wsi", *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"wsi {' '.join(map(str, args))}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def count(slide: Path, out: Path, card: str | Path, mpp: float) -> Path:
+    """``wsi run`` on a mosaic; the store."""
+    wsi("run", slide, "--out", out, "--classifier", card, "--mpp", mpp, "--region", "all",
+        "--saliency", "none", "--device", "cpu", "--quiet")  # fmt: skip
+    return out / f"{slide.stem}.zarr"
+
+
+def box_of_cells(xy: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """For each cell, the box whose centre is nearest among those holding the cell (-1: none);
+    one cell per box (the nearest), the others -1."""
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    inside = (
+        (xy[:, None, 0] >= boxes[None, :, 0]) & (xy[:, None, 0] <= boxes[None, :, 2])
+        & (xy[:, None, 1] >= boxes[None, :, 1]) & (xy[:, None, 1] <= boxes[None, :, 3])
+    )  # fmt: skip
+    apart = np.hypot(*(xy[:, None] - centres[None]).transpose(2, 0, 1))
+    distance = np.where(inside, apart, np.inf)
+    which = np.full(len(xy), -1)
+    for box in range(len(boxes)):
+        if np.isfinite(distance[:, box]).any():
+            cell = int(distance[:, box].argmin())
+            if which[cell] < 0:
+                which[cell] = box
+    return which
+
+
+def mosaic_boxes(fields: list[Field], corners: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every white-cell box in mosaic pixels, its type and its image's index."""
+    boxes, types, owners = [], [], []
+    for k, field in enumerate(fields):
+        x, y = corners[field.name][:2]
+        boxes.append(field.boxes + [x, y, x, y])
+        types += [field.type] * len(field.boxes)
+        owners += [k] * len(field.boxes)
+    return np.concatenate(boxes), np.array(types), np.array(owners)
+
+
+def review(
+    geojson: Path, fields: list[Field], corners: dict, n_cells: int, seed: int
+) -> tuple[list[dict], int]:
+    """The features an expert reviewing ``n_cells`` detected cells, image by image in a seeded
+    order, exports; and how many of them were corrected (class changed, or added)."""
+    features = json.loads(geojson.read_text())["features"]
+    cells = [f for f in features if f["properties"].get("objectType") == "cell"]
+    xy = np.array([_centre(f) for f in cells])
+    boxes, types, owners = mosaic_boxes(fields, corners)
+    matched = box_of_cells(xy, boxes)
+    image_of_cell = np.array([_image_at(p, corners, fields) for p in xy])
+    exported, corrected, reviewed = [], 0, 0
+    for k in np.random.default_rng(seed).permutation(len(fields)):
+        if reviewed >= n_cells:
+            break
+        for c in np.flatnonzero(image_of_cell == k):
+            label = (
+                cell_class(TYPE_CODES[TYPES[types[matched[c]]]][0]).label
+                if matched[c] >= 0
+                else cell_class("ART").label
+            )
+            feature = cells[c]
+            corrected += feature["properties"]["classification"]["name"] != label
+            feature["properties"]["classification"] = {"name": label}
+            exported.append(feature)
+            reviewed += 1
+        for box in np.flatnonzero((owners == k) & ~np.isin(np.arange(len(boxes)), matched)):
+            centre = ((boxes[box, :2] + boxes[box, 2:]) / 2).tolist()
+            label = cell_class(TYPE_CODES[TYPES[types[box]]][0]).label
+            exported.append(_point(centre, label))
+            corrected += 1
+            reviewed += 1
+    return exported, corrected
+
+
+def _centre(feature: dict) -> tuple[float, float]:
+    ring = np.array(feature["nucleusGeometry"]["coordinates"][0][:-1])
+    return tuple(ring.mean(0))
+
+
+def _image_at(point, corners: dict, fields: list[Field]) -> int:
+    """Index of the image of the mosaic holding ``point`` (-1: the glass between)."""
+    for k, field in enumerate(fields):
+        x, y, w, h = corners[field.name]
+        if x <= point[0] < x + w and y <= point[1] < y + h:
+            return k
+    return -1
+
+
+def _point(centre: list[float], label: str) -> dict:
+    """A point an expert adds in QuPath (an annotation with a new random id)."""
+    return {
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": {"type": "Point", "coordinates": centre},
+        "properties": {"objectType": "annotation", "classification": {"name": label}},
+    }
+
+
+def predictions(store: Path, fields: list[Field], corners: dict) -> tuple[np.ndarray, np.ndarray]:
+    """True and predicted BCCD type of each held-out white cell a store's cells match."""
+    root = zarr.open_group(store, mode="r")
+    codes = list(root.attrs["class_codes"])
+    xy = np.column_stack([root["cells/x"][:], root["cells/y"][:]])
+    probabilities = root["cells/probabilities"][:]
+    boxes, types, _ = mosaic_boxes(fields, corners)
+    matched = box_of_cells(xy, boxes)
+    hit = matched >= 0
+    columns = [[codes.index(c) for c in TYPE_CODES[t] if c in codes] for t in TYPES]
+    summed = np.stack([probabilities[:, k].sum(1) for k in columns], axis=1)
+    return types[matched[hit]], summed[hit].argmax(1)
+
+
+def scores(truth: np.ndarray, predicted: np.ndarray, min_support: int) -> dict:
+    """Macro F1 over the types with ``min_support`` cells, and every type's F1 and support."""
+    report = classification_report(truth, predicted, TYPES)
+    scored = [t for t in TYPES if report["per_class"][t]["support"] >= min_support]
+    return {
+        "cells_scored": int(len(truth)),
+        "macro_f1": round(float(np.mean([report["per_class"][t]["f1"] for t in scored])), 4),
+        "types_scored": scored,
+        "f1_per_type": {t: round(report["per_class"][t]["f1"], 4) for t in TYPES},
+        "support": {t: report["per_class"][t]["support"] for t in TYPES},
+    }
+
+
+#: Marrow classes a blood lab's corrections never show; MLL crops are 0.106 µm/px.
+RETAINED_CODES = ("BLA", "PMO")
+MLL_MPP = 0.106
+
+
+def retained_recall(card: str | Path, marrow: Path) -> dict[str, float]:
+    """Recall of :data:`RETAINED_CODES` on the MLL crops of the ``default`` card's test split."""
+    parent = resolve_card("default")
+    fractions = parent.provenance["training"]
+    classifier = Classifier(card, device="cpu")
+    recall = {}
+    for code in RETAINED_CODES:
+        paths = [
+            path
+            for path in sorted((marrow / code).glob("*.jpg"))
+            if split_of(path.name, fractions["val_fraction"], fractions["test_fraction"]) == "test"
+        ]
+        crops = load_crops(paths, parent.model.input_size, parent.model.fov_um, MLL_MPP)
+        predicted = classifier.predict_proba(crops).argmax(1)
+        recall[code] = round(float(np.mean(predicted == classifier.codes.index(code))), 4)
+    return recall
+
+
+def plot(curve: list[dict], parent: dict, path: Path) -> None:
+    """Pooled held-out F1 against the number of corrected cells, per type and macro."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corrected = [float(np.mean(row["corrected_per_fold"])) for row in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=150)
+    for kind in parent["types_scored"]:
+        ax.plot(corrected, [row["f1_per_type"][kind] for row in curve], ".-", lw=0.8,
+                alpha=0.5, label=kind.lower())  # fmt: skip
+    ax.plot(corrected, [row["macro_f1"] for row in curve], "o-", color="black", lw=2,
+            label="macro F1")  # fmt: skip
+    for x, row in zip(corrected, curve, strict=True):
+        label = f"{row['reviewed_per_fold']} reviewed"
+        ax.annotate(label, (x, row["macro_f1"]), textcoords="offset points", xytext=(0, -12),
+                    ha="center", fontsize=6)  # fmt: skip
+    ax.axhline(parent["macro_f1"], color="grey", linestyle="--", label="default (parent), macro")
+    ax.axhline(0.85, color="tab:red", linestyle=":", label="aim 0.85")
+    ax.set_xscale("log")
+    ax.set_xlabel("corrected cells (class changed or added), mean per fold")
+    ax.set_ylabel("F1 on held-out BCCD cells")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, loc="lower right", ncol=2)
+    ax.set_title("A lab card from an expert's corrections (BCCD, pooled over folds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def run_fold(
+    fold: int, fields: list[Field], folds: np.ndarray, mpp: float, work: Path, args
+) -> tuple[dict, dict]:
+    """On one fold: the held-out (true, predicted) types of the parent (key ``"parent"``) and
+    of the lab card of each number of reviewed cells (key N), and the (reviewed, corrected)
+    counts of each review; each lab card's scores are logged to stderr."""
+    data = args.data
+    pool = [f for f, g in zip(fields, folds, strict=True) if g != fold]
+    held_out = [f for f, g in zip(fields, folds, strict=True) if g == fold]
+    work.mkdir(parents=True, exist_ok=True)
+    pool_corners = write_mosaic(pool, data, work / "pool.tif")
+    held_corners = write_mosaic(held_out, data, work / "heldout.tif")
+    pool_store = count(work / "pool.tif", work / "pool", "default", mpp)
+    found = {"parent": predictions(count(work / "heldout.tif", work / "parent", "default", mpp),
+                                   held_out, held_corners)}  # fmt: skip
+    counts = {}
+    for n in args.reviewed:
+        name = f"lab-n{n}"
+        exported, corrected = review(
+            work / "pool" / "pool.geojson", pool, pool_corners, n, seed=100 + fold
+        )
+        edited = work / f"{name}.geojson"
+        edited.write_text(json.dumps({"type": "FeatureCollection", "features": exported}))
+        folder = work / f"{name}-corrections"
+        wsi("corrections", pool_store, edited, "--out", folder, "--scope", "reviewed")
+        epochs = max(1, math.ceil(args.presentations / (0.8 * len(exported))))
+        wsi("train", folder, "--init", "default", "--out", work / f"{name}.toml",
+            "--epochs", epochs, "--batch-size", 16, "--lr", 3e-4, "--val-fraction", 0.2,
+            "--test-fraction", 0, "--distill", args.distill, "--device", "cpu",
+            "--workdir", work / f"{name}-work")  # fmt: skip
+        store = count(work / "heldout.tif", work / name, work / f"{name}.toml", mpp)
+        found[n] = predictions(store, held_out, held_corners)
+        counts[n] = (len(exported), corrected, retained_recall(work / f"{name}.toml", args.marrow))
+        row = {"fold": fold, "n": n, "reviewed": len(exported), "corrected": corrected,
+               "retained": counts[n][2]}  # fmt: skip
+        print(json.dumps({**row, **scores(*found[n], 1)}), file=sys.stderr, flush=True)
+    return found, counts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "bccd")
-    parser.add_argument("--card", default="default")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="keep the work here")
+    parser.add_argument("--reviewed", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument(
+        "--marrow", type=Path, default=REPO.parent / "shared" / "data" / "mll", help="MLL crops"
+    )
+    parser.add_argument("--presentations", type=int, default=1200)
+    parser.add_argument("--distill", type=float, default=1.0, help="wsi train --distill")
+    parser.add_argument("--min-support", type=int, default=5)
+    parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
 
     started = time.perf_counter()
-    classifier = Classifier(args.card, device="cpu")
-    card, codes = classifier.card, classifier.codes
-    cells, mpp = load_cells(args.data, card.model.fov_um, card.model.input_size)
-    before = type_predictions(classifier.predict_proba(cells.crops), codes)
+    work = args.out or Path(tempfile.mkdtemp(prefix="bccd-transfer-"))
+    fields, mpp = load_fields(args.data)
+    folds = assign_folds(fields, args.folds, seed=0)
+    per_fold = [run_fold(k, fields, folds, mpp, work / f"fold{k}", args) for k in range(args.folds)]
 
-    targets = np.array([codes.index(TYPE_CODES[TYPES[t]][0]) for t in cells.types])
-    folds = folds_by_image(cells.images, cells.types, args.folds, args.seed)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=32, lr=args.lr, warmup_epochs=0.5, seed=args.seed
-    )
-    after = np.empty_like(before)
-    for fold in range(args.folds):
-        held_out = folds == fold
-        members = [copy.deepcopy(model) for model in classifier.models]
-        train = LabelledCrops(cells.crops[~held_out], targets[~held_out])
-        with tempfile.TemporaryDirectory() as workdir:
-            for k, model in enumerate(members):  # each its own checkpoint folder
-                fit(model, card, train, None, config, Path(workdir, str(k)), log=lambda _: None)
-        tuned = Classifier(card, device="cpu", models=[model.eval() for model in members])
-        after[held_out] = type_predictions(tuned.predict_proba(cells.crops[held_out]), codes)
+    def pooled(key) -> dict:
+        truth = np.concatenate([found[key][0] for found, _ in per_fold])
+        predicted = np.concatenate([found[key][1] for found, _ in per_fold])
+        return scores(truth, predicted, args.min_support)
 
-    def compact(report: dict) -> dict:
-        keep = ("n", "per_class", "accuracy", "balanced_accuracy", "macro", "weighted")
-        return {k: report[k] for k in keep}
-
+    curve = [
+        {
+            "reviewed_per_fold": n,
+            "reviewed": sum(counts[n][0] for _, counts in per_fold),
+            "corrected_per_fold": [counts[n][1] for _, counts in per_fold],
+            "retained_recall": {
+                code: round(float(np.mean([counts[n][2][code] for _, counts in per_fold])), 4)
+                for code in RETAINED_CODES
+            },
+            **pooled(n),
+        }
+        for n in args.reviewed
+    ]
+    parent = {**pooled("parent"), "retained_recall": retained_recall("default", args.marrow)}
+    if args.plot:
+        plot(curve, parent, args.plot)
     print(
         json.dumps(
             {
-                "card": card.name,
                 "estimated_mpp": round(mpp, 4),
-                "crop_side_px": round(card.model.fov_um / mpp),
-                "n_cells": int(len(cells.types)),
-                "n_images": len(set(cells.images)),
-                "cells_per_type": {t: int((cells.types == i).sum()) for i, t in enumerate(TYPES)},
-                "before_fine_tuning": compact(classification_report(cells.types, before, TYPES)),
-                "after_fine_tuning_cv": compact(classification_report(cells.types, after, TYPES)),
+                "images": len(fields),
+                "white_cells": int(sum(len(f.boxes) for f in fields)),
+                "folds": args.folds,
+                "parent": parent,
+                "curve": curve,
                 "fine_tuning": {
-                    "folds": args.folds,
-                    "split": "by image, stratified by type",
-                    "epochs": args.epochs,
-                    "lr": args.lr,
-                    "batch_size": 32,
+                    "lr": 3e-4,
+                    "batch_size": 16,
+                    "presentations": args.presentations,
+                    "val_fraction": 0.2,
+                    "init": "default",
+                    "distill": args.distill,
                 },
                 "seconds": round(time.perf_counter() - started, 1),
             },

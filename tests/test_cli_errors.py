@@ -253,3 +253,16 @@ def test_local_cluster_logs_only_problems_unless_verbose():
         )
         assert result.returncode == 0, result.stderr
         assert (" - INFO - " in result.stderr) == verbose, result.stderr
+
+
+def test_every_command_takes_dash_h():
+    from click.testing import CliRunner
+
+    from wsi_pipeline.cli import wsi
+
+    runner = CliRunner()
+    for name in [None, *sorted(wsi.commands)]:
+        result = runner.invoke(wsi, [*([name] if name else []), "-h"])
+        assert result.exit_code == 0 and result.output.startswith("Usage: "), (name, result.output)
+    shortcut = subprocess.run([str(WSI_RUN), "-h"], capture_output=True, text=True, timeout=60)
+    assert shortcut.returncode == 0 and shortcut.stdout.startswith("Usage: wsi-run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -221,3 +222,31 @@ def test_evaluate_reports_calibration_uncertainty_and_where_unknown_classes_go(
     rows = (tmp_path / "out" / "tiny.predictions.csv").read_text().splitlines()
     assert rows[0] == "image,true,predicted,confidence,agreement,uncertain"
     assert len(rows) == 1 + 86
+
+
+def test_distillation_keeps_the_parent_s_answers_where_the_new_labels_are_silent(
+    folder, card_path, tmp_path
+):
+    """A lab's corrections never show every class. With the parent's answers in the loss
+    (``distill``), what the parent knew survives where the new labels say nothing about it;
+    here every image is labelled LYT, and the child trained with distillation still calls
+    more of the pink discs NGS than the one trained without."""
+    parent = train_classifier(
+        folder, card_path, tmp_path / "p" / "tiny.toml", CONFIG, workdir=tmp_path / "wp", log=str
+    )
+    all_lymphocytes = tmp_path / "all-lyt"
+    shutil.copytree(folder / "LYT", all_lymphocytes / "LYT" / "violet")
+    shutil.copytree(folder / "NGS", all_lymphocytes / "LYT" / "pink")
+    pink = load_crops(sorted((folder / "NGS").rglob("*.png")), 32, 32.0, None)
+    recall = {}
+    for distill in (0.0, 1.0):
+        config = dataclasses.replace(
+            CONFIG, epochs=3, lr=1e-3, init=str(parent.card.path), distill=distill
+        )
+        out = tmp_path / f"d{distill}" / "tiny.toml"
+        child = train_classifier(
+            all_lymphocytes, card_path, out, config, workdir=tmp_path / f"w{distill}", log=str
+        )
+        predicted = Classifier(child.card, device="cpu").predict_proba(pink).argmax(1)
+        recall[distill] = float((predicted == child.card.codes.index("NGS")).mean())
+    assert recall[1.0] > recall[0.0] + 0.2, recall

@@ -504,6 +504,21 @@ def corrections(
     default=None,
     help="Start from this trained card's weights (name or .toml): fine-tuning.",
 )
+@click.option(
+    "--augment",
+    type=click.Choice(["other-labs", "one-lab"]),
+    default=None,
+    help="Redraw cells as any lab's stain would show them (other-labs: the default from "
+    "scratch), or only as one lab's slides vary (one-lab: the default with --init).",
+)
+@click.option(
+    "--distill",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="With --init: weight of the parent's own answers in the loss (learning without "
+    "forgetting), so classes the new data lacks keep what the parent knew; 0 turns it off.",
+)
 @_device_option("Where training runs; auto uses a GPU when present.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -595,7 +610,7 @@ def evaluate(folder: Path, as_json: bool, image_mpp: float | None, **settings) -
 
 def run_shortcut() -> None:
     """Entry point of the ``wsi-run`` console script."""
-    run.main(prog_name="wsi-run")
+    run.main(prog_name="wsi-run", help_option_names=["-h", "--help"])
 
 
 @wsi.command()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "augment"]
+__all__ = ["AUGMENTATIONS", "AugmentConfig", "augment"]
 
 #: Ruifrok and Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as scikit-image's
 #: ``rgb_from_hed``; any invertible basis of stain-like directions serves for augmentation.
@@ -89,6 +89,29 @@ class AugmentConfig:
     def as_dict(self) -> dict[str, Any]:
         """TOML-ready copy (lists for pairs)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+#: Named ranges: ``other-labs`` redraws a cell as any lab's stain, background, optics and
+#: compression would show it (for a card meant to hold on labs it never saw); ``one-lab`` only
+#: as one lab's own slides vary from day to day (for a lab card fine-tuned on that lab's
+#: corrections, whose colour cues, such as an eosinophil's granules in that stain, must not be
+#: washed out).
+AUGMENTATIONS: dict[str, AugmentConfig] = {
+    "other-labs": AugmentConfig(),
+    "one-lab": AugmentConfig(
+        stain_scale=0.1,
+        stain_shift=0.02,
+        brightness=(0.93, 1.07),
+        contrast=(0.9, 1.1),
+        gamma=(0.9, 1.1),
+        saturation=(0.9, 1.1),
+        tint=(0.0, 0.2),
+        blur_probability=0.2,
+        blur_sigma=(0.3, 1.0),
+        jpeg_probability=0.2,
+        jpeg_quality=(50, 90),
+    ),
+}
 
 
 def augment(

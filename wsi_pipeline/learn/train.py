@@ -19,6 +19,7 @@ The split is fixed per patient (or per image when patients are unknown) by
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -37,7 +38,7 @@ from numpy.typing import NDArray
 
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import atomic_path
-from wsi_pipeline.learn.augment import AugmentConfig, augment
+from wsi_pipeline.learn.augment import AUGMENTATIONS, augment
 from wsi_pipeline.learn.calibrate import (
     ensemble_probabilities,
     expected_calibration_error,
@@ -71,9 +72,6 @@ __all__ = [
 
 
 #: The augmentation of every training batch (recorded in the card).
-AUGMENT = AugmentConfig()
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Training options (every one is a ``wsi train`` option of the same name).
@@ -99,6 +97,14 @@ class TrainConfig:
     init : str or None
         A trained card (name or path) whose first weights file the network starts from
         (fine-tuning); layers whose shape differs (another class list) start fresh.
+    augment : {"other-labs", "one-lab"} or None
+        The augmentation (:data:`~wsi_pipeline.learn.augment.AUGMENTATIONS`); None chooses
+        ``other-labs`` from scratch and ``one-lab`` when fine-tuning (``init``).
+    distill : float
+        When fine-tuning, weight of the parent's own answers on each batch (learning without
+        forgetting, Li and Hoiem 2017): the KL divergence, at temperature ``DISTILL_T``, of the
+        network's probabilities from the frozen parent's is added to the loss, so classes a
+        lab's few corrections never show keep what the parent knew of them. 0 turns it off.
     seed : int
     device : str
         "auto" (CUDA when present), "cpu" or "cuda".
@@ -121,6 +127,8 @@ class TrainConfig:
     test_fraction: float = 0.1
     image_mpp: float | tuple[float, ...] | None = None
     init: str | None = None
+    augment: str | None = None
+    distill: float = 1.0
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -236,6 +244,26 @@ def _channel_stats(crops: NDArray[np.uint8]) -> tuple[list[float], list[float]]:
     return mean.round(4).tolist(), std.round(4).tolist()
 
 
+#: Temperature of the parent's and the network's probabilities in the distillation term.
+DISTILL_T = 2.0
+
+
+def _distillation(logits: torch.Tensor, parent_logits: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the network's softened probabilities from the parent's, scaled by T²
+    so that its gradients weigh as the cross-entropy's do (Hinton et al. 2015)."""
+    student = F.log_softmax(logits.float() / DISTILL_T, dim=1)
+    target = F.log_softmax(parent_logits.float() / DISTILL_T, dim=1)
+    kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+    return kl * DISTILL_T**2
+
+
+def augmentation_name(config: TrainConfig) -> str:
+    """The augmentation a run uses (see :attr:`TrainConfig.augment`)."""
+    if config.augment is not None:
+        return config.augment
+    return "one-lab" if config.init else "other-labs"
+
+
 def _balanced_order(labels: NDArray[np.int64], n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` sample indices drawn with replacement so that every class is equally likely."""
     counts = np.bincount(labels)
@@ -305,26 +333,36 @@ def train_classifier(
     present = {template.codes[i] for i in np.unique(train.labels)}
     if not present:
         raise InputError(folders[0], "the training split holds no images")
-    if config.init is None:
+    parent_card = resolve_card(config.init) if config.init else None
+    if parent_card is None:
         # From scratch every class needs examples; fine-tuning keeps what the parent knows of
         # the classes a lab's corrections lack, and the parent's input normalisation.
         if len(present) < len(template.codes):
             missing = ", ".join(sorted(set(template.codes) - present))
             raise InputError(folders[0], f"training split has no images of {missing}")
         mean, std = _channel_stats(train.crops)
-        model_config = dataclasses.replace(template.model, mean=tuple(mean), std=tuple(std))
-        template = dataclasses.replace(template, model=model_config)
+    else:
+        if config.snapshots > 1:
+            raise InputError(
+                parent_card.path, "fine-tuning trains one member per member of the parent card; "
+                "--snapshots applies to training from scratch"
+            )  # fmt: skip
+        mean, std = list(parent_card.model.mean), list(parent_card.model.std)
+    model_config = dataclasses.replace(template.model, mean=tuple(mean), std=tuple(std))
+    template = dataclasses.replace(template, model=model_config)
     log(
         f"{len(train.labels)} train, {len(splits['val'].labels)} val, "
         f"{len(splits['test'].labels)} test images on {device}"
     )
 
-    model = build_model(template)
-    parent = _start_from(model, config.init) if config.init else None
-    model = model.to(device)
-    # torch accepts memory_format= in Module.to; its stubs list no overload with it.
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    snapshots, history = fit(model, template, train, splits["val"], config, workdir, log)
+    if parent_card is None:
+        model = _on_device(build_model(template), device)
+        snapshots, history = fit(model, template, train, splits["val"], config, workdir, log)
+        parent = None
+    else:
+        model, snapshots, history, parent = _fine_tune(
+            parent_card, template, splits, config, workdir, device, log
+        )
     sources = {
         "sources": [str(f) for f in folders],
         "parent": parent,
@@ -345,19 +383,56 @@ def _corrections_manifests(folders: Sequence[Path]) -> list[dict[str, Any]]:
     return found
 
 
-def _start_from(model: torch.nn.Module, init: str) -> dict[str, Any]:
-    """Load a trained card's first weights into ``model`` where shapes agree; its identity."""
-    parent = resolve_card(init)
-    own = model.state_dict()
-    state = load_state_dicts(parent)[0]
-    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(kept, strict=False)
-    return {
+def _on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model = model.to(device)
+    # torch accepts memory_format= in Module.to; its stubs list no overload with it.
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def _fine_tune(
+    parent: ClassifierCard,
+    template: ClassifierCard,
+    splits: dict[str, LabelledCrops],
+    config: TrainConfig,
+    workdir: Path,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]], list[dict[str, float]], dict]:
+    """Fine-tune each member of the parent's ensemble (one cosine cycle each, its own
+    checkpoint folder), so the child is an ensemble too and its members' agreement still says
+    how sure it is. Returns the last network, the members' weights, the history and the
+    parent's identity for the provenance."""
+    snapshots, history = [], []
+    restarted: set[str] = set()
+    for k, state in enumerate(load_state_dicts(parent)):
+        model = build_model(template)
+        own = model.state_dict()
+        kept = {name: v for name, v in state.items() if name in own and own[name].shape == v.shape}
+        model.load_state_dict(kept, strict=False)
+        restarted |= set(own) - set(kept)
+        teacher = None
+        if config.distill > 0:
+            teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        log(f"member {k + 1} of {len(parent.weights)}")
+        member, member_history = fit(
+            _on_device(model, device),
+            template,
+            splits["train"],
+            splits["val"],
+            config,
+            workdir / f"member{k + 1}",
+            log,
+            teacher=teacher,
+        )
+        snapshots += member
+        history += member_history
+    identity = {
         "name": parent.name,
         "path": str(parent.path),
         "weights_sha256": [w.sha256 for w in parent.weights],
-        "layers_restarted": sorted(set(own) - set(kept)),
+        "layers_restarted": sorted(restarted),
     }
+    return model, snapshots, history, identity
 
 
 def fit(
@@ -368,6 +443,7 @@ def fit(
     config: TrainConfig,
     workdir: Path,
     log: Callable[[str], None] = print,
+    teacher: torch.nn.Module | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
     """The training loop on crops in memory, from the model's current weights.
 
@@ -384,6 +460,9 @@ def fit(
         Holds ``checkpoint.pt``, written after every epoch and resumed from when present.
     log : callable
         Receives one line per epoch.
+    teacher : torch.nn.Module, optional
+        The frozen parent of a fine-tuning run, whose answers the loss keeps with weight
+        ``config.distill`` (see :class:`TrainConfig`).
 
     Returns
     -------
@@ -393,6 +472,7 @@ def fit(
         Per epoch: epoch, step, loss, val_accuracy, lr, seconds.
     """
     device = next(model.parameters()).device
+    augmentation = AUGMENTATIONS[augmentation_name(config)]
     steps_per_epoch = max(1, len(train.labels) // config.batch_size)
     total = config.epochs * steps_per_epoch
     if config.max_steps:
@@ -425,12 +505,15 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * factor
             x = to_unit_tensor(train.crops[batch.numpy()], device)
-            x = _normalise(augment(x, generator, AUGMENT), card).contiguous(
+            x = _normalise(augment(x, generator, augmentation), card).contiguous(
                 memory_format=torch.channels_last
             )
             y = torch.as_tensor(train.labels[batch.numpy()], device=device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                if teacher is not None:
+                    loss = loss + config.distill * _distillation(logits, teacher(x))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -520,7 +603,10 @@ def _export(
             "folders": data["sources"],
             **({"parent": data["parent"]} if data["parent"] else {}),
             **({"corrections": data["corrections"]} if data["corrections"] else {}),
-            "augmentation": AUGMENT.as_dict(),
+            "augmentation": {
+                "name": augmentation_name(config),
+                **AUGMENTATIONS[augmentation_name(config)].as_dict(),
+            },
             "n_train_steps": history[-1]["step"] if history else 0,
             "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
             "train_seconds": round(sum(h["seconds"] for h in history), 1),
