@@ -253,4 +253,7 @@ def test_the_fine_tuned_card_names_its_parent_and_runs_end_to_end(slide_run, cor
     # Parent and child side by side on the corrections the child held out.
     compared = wsi("evaluate", folder, "--classifier", CARD, "--classifier", card, "--subset",
                    "test", "--json")  # fmt: skip
-    assert set(json.loads(compared.stdout)["reports"]) == {CARD, "lab"}
+    reports = json.loads(compared.stdout)["reports"]
+    assert set(reports) == {CARD, "lab"}
+    # The parent never saw the corrections: it is scored on the lab card's held-out part.
+    assert reports[CARD]["n"] == reports["lab"]["n"] > 0

@@ -512,6 +512,13 @@ def corrections(
     "scratch), or only as one lab's slides vary (one-lab: the default with --init).",
 )
 @click.option(
+    "--sampling",
+    type=click.Choice(["balanced", "natural"]),
+    default=None,
+    help="Draw every class equally often (balanced: the default from scratch), or as often "
+    "as the data hold it (natural: the default with --init, a lab's own mix of cells).",
+)
+@click.option(
     "--distill",
     type=click.FloatRange(min=0),
     default=1.0,

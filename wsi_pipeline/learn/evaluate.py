@@ -220,7 +220,9 @@ def evaluate_folder(
         of view (pipeline exports).
     subset : {"train", "val", "test"}, optional
         Score only that part of each card's own split (the fractions recorded in its card at
-        training), e.g. "test" for its held-out report. Default: every image.
+        training), e.g. "test" for its held-out report. A card never trained on ``folder`` is
+        scored on the split of the first compared card that was (a lab card's parent on the
+        lab card's held-out corrections). Default: every image.
     out_dir : path, optional
         Where ``<card>.confusion.csv``, ``<card>.confusion.png`` and ``<card>.predictions.csv``
         (one row per image: true and predicted class, confidence, snapshot agreement, whether
@@ -245,13 +247,17 @@ def evaluate_folder(
     if subset not in (None, "train", "val", "test"):
         raise InputError(folder, f"unknown subset {subset!r}; expected train, val or test")
     items = scan_labelled_folder(folder)
+    cards = [load_card(name) for name in classifiers]
+    # A card trained on this folder splits it; a card that never saw it (the parent of a lab
+    # card, say) is scored on that same part, so that the two are compared on the same cells.
+    splitter = next((c for c in cards if _trained_on(c, Path(folder))), None)
     reports: dict[str, dict[str, Any]] = {}
     files: list[str] = []
-    for name in classifiers:
-        card = load_card(name)
+    for card in cards:
         label = _unique_label(card.name, reports)
         classifier = get_classifier(card.path, device, batch_size)
-        chosen = [i for i in items if subset is None or _subset_of(i.group, card) == subset]
+        split_by = card if splitter is None or _trained_on(card, Path(folder)) else splitter
+        chosen = [i for i in items if subset is None or _subset_of(i.group, split_by) == subset]
         known = np.array([i.label in card.codes for i in chosen], dtype=bool)
         if not known.any():
             raise InputError(folder, f"no images of the classes of card {card.name!r}")
@@ -322,6 +328,12 @@ def _unique_label(name: str, taken: Mapping[str, Any]) -> str:
         k += 1
         label = f"{name}-{k}"
     return label
+
+
+def _trained_on(card: ClassifierCard, folder: Path) -> bool:
+    """Whether ``folder`` is one of the folders ``card`` was trained on."""
+    trained = card.provenance.get("training", {}).get("folders", [])
+    return any(Path(f).resolve() == folder.resolve() for f in trained)
 
 
 def _subset_of(group: str, card: ClassifierCard) -> str:

@@ -100,6 +100,12 @@ class TrainConfig:
     augment : {"other-labs", "one-lab"} or None
         The augmentation (:data:`~wsi_pipeline.learn.augment.AUGMENTATIONS`); None chooses
         ``other-labs`` from scratch and ``one-lab`` when fine-tuning (``init``).
+    sampling : {"balanced", "natural"} or None
+        How batches are drawn: every class equally often (``balanced``), or as often as the
+        data holds it (``natural``). None chooses ``balanced`` from scratch, where the sources'
+        class mix says nothing of any lab's, and ``natural`` when fine-tuning, where the data are
+        a lab's own corrected cells and their mix is that lab's (balancing them makes the card
+        call the rarer of two look-alike classes, eosinophils for neutrophils, far too often).
     distill : float
         When fine-tuning, weight of the parent's own answers on each batch (learning without
         forgetting, Li and Hoiem 2017): the KL divergence, at temperature ``DISTILL_T``, of the
@@ -128,6 +134,7 @@ class TrainConfig:
     image_mpp: float | tuple[float, ...] | None = None
     init: str | None = None
     augment: str | None = None
+    sampling: str | None = None
     distill: float = 1.0
     seed: int = 0
     device: str = "auto"
@@ -264,6 +271,13 @@ def augmentation_name(config: TrainConfig) -> str:
     return "one-lab" if config.init else "other-labs"
 
 
+def sampling_name(config: TrainConfig) -> str:
+    """How a run draws its batches (see :attr:`TrainConfig.sampling`)."""
+    if config.sampling is not None:
+        return config.sampling
+    return "natural" if config.init else "balanced"
+
+
 def _balanced_order(labels: NDArray[np.int64], n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` sample indices drawn with replacement so that every class is equally likely."""
     counts = np.bincount(labels)
@@ -364,7 +378,7 @@ def train_classifier(
             parent_card, template, splits, config, workdir, device, log
         )
     sources = {
-        "sources": [str(f) for f in folders],
+        "sources": [str(f.resolve()) for f in folders],
         "parent": parent,
         "corrections": _corrections_manifests(folders),
     }
@@ -496,7 +510,11 @@ def fit(
     while state["step"] < total:
         started = time.perf_counter()
         model.train()
-        order = _balanced_order(train.labels, steps_per_epoch * config.batch_size, generator)
+        n_drawn = steps_per_epoch * config.batch_size
+        if sampling_name(config) == "balanced":
+            order = _balanced_order(train.labels, n_drawn, generator)
+        else:
+            order = torch.randint(len(train.labels), (n_drawn,), generator=generator)
         losses = []
         for batch in order.view(steps_per_epoch, config.batch_size):
             if state["step"] >= total:
@@ -603,6 +621,7 @@ def _export(
             "folders": data["sources"],
             **({"parent": data["parent"]} if data["parent"] else {}),
             **({"corrections": data["corrections"]} if data["corrections"] else {}),
+            "sampling": sampling_name(config),
             "augmentation": {
                 "name": augmentation_name(config),
                 **AUGMENTATIONS[augmentation_name(config)].as_dict(),
