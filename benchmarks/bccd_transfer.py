@@ -319,6 +319,8 @@ def plot(curve: list[dict], parent: dict, path: Path) -> None:
     ax.axhline(parent["macro_f1"], color="grey", linestyle="--", label="default (parent), macro")
     ax.axhline(0.85, color="tab:red", linestyle=":", label="aim 0.85")
     ax.set_xscale("log")
+    ax.set_xticks(corrected, [f"{x:.0f}" for x in corrected])
+    ax.minorticks_off()
     ax.set_xlabel("corrected cells (class changed or added), mean per fold")
     ax.set_ylabel("F1 on held-out BCCD cells")
     ax.set_ylim(0, 1.02)
