@@ -464,12 +464,22 @@ def corrections(
     (examples/export_corrections.groovy). Every corrected, deleted (as ART), added or confirmed
     cell is cut again from the slide into OUT/<CODE>/, ready for wsi train --init.
     """
-    from wsi_pipeline.learn.corrections import ACTIONS, collect_corrections
+    from wsi_pipeline.learn.corrections import ACTIONS, MANIFEST, collect_corrections
+    from wsi_pipeline.model.cards import load_card
 
     folder, found = collect_corrections(store, edited, out, slide=slide, card=card, scope=scope)
     counts = {action: sum(c.action == action for c in found) for action in ACTIONS}
     said = ", ".join(f"{n} {action}" for action, n in counts.items() if n)
     click.echo(f"{folder}: {len(found)} cells ({said}); changes.csv lists them")
+    # A class the card lacks is kept in the folder, but fine-tuning that card ignores it.
+    used = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["card"]
+    lacking = sorted({c.new_class for c in found} - set(load_card(used["path"]).codes))
+    if lacking:
+        click.echo(
+            f"warning: card {used['name']!r} has no class {', '.join(lacking)}; wsi train "
+            "--init ignores those cells unless --card gives a template that has them",
+            err=True,
+        )
 
 
 @wsi.command()

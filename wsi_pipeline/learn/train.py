@@ -110,7 +110,8 @@ class TrainConfig:
         When fine-tuning, weight of the parent's own answers on each batch (learning without
         forgetting, Li and Hoiem 2017): the KL divergence, at temperature ``DISTILL_T``, of the
         network's probabilities from the frozen parent's is added to the loss, so classes a
-        lab's few corrections never show keep what the parent knew of them. 0 turns it off.
+        lab's few corrections never show keep what the parent knew of them. 0 turns it off;
+        it is off too when the template's class list differs from the parent's.
     seed : int
     device : str
         "auto" (CUDA when present), "cpu" or "cuda".
@@ -425,8 +426,11 @@ def _fine_tune(
         model.load_state_dict(kept, strict=False)
         restarted |= set(own) - set(kept)
         teacher = None
-        if config.distill > 0:
+        # A restarted layer (another class list) has no answers of the parent's to keep.
+        if config.distill > 0 and not restarted:
             teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        elif config.distill > 0 and k == 0:
+            log("distillation off: the template's layers differ from the parent's")
         log(f"member {k + 1} of {len(parent.weights)}")
         member, member_history = fit(
             _on_device(model, device),
