@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import click
 
@@ -455,7 +455,12 @@ def inspect(store: Path, as_json: bool) -> None:
     help="Cut the crops for this card (name or .toml; default: the run's card).",
 )
 def corrections(
-    store: Path, edited: Path, out: Path, scope: str, slide: Path | None, card: str | None
+    store: Path,
+    edited: Path,
+    out: Path,
+    scope: Literal["slide", "reviewed"],
+    slide: Path | None,
+    card: str | None,
 ) -> None:
     """Turn an expert's corrections of a slide's cells into training data.
 

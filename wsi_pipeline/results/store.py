@@ -9,6 +9,7 @@ moment never leaves a store that looks complete. :func:`read_summary` refuses an
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 from collections.abc import Mapping, Sequence
@@ -352,7 +353,9 @@ def _open_complete(path: Path) -> zarr.Group:
     return root
 
 
-def read_cells(store: str | Path, *names: str) -> tuple[dict[str, Any], dict[str, NDArray]]:
+def read_cells(
+    store: str | os.PathLike[str], *names: str
+) -> tuple[dict[str, Any], dict[str, NDArray]]:
     """The attributes of a complete result store and its ``cells/<name>`` columns ``names``.
 
     Raises
