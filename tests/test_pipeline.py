@@ -350,3 +350,38 @@ def test_tune_malloc_reuses_large_blocks_and_caps_the_arenas():
     # By default each of the ten blocks is mapped and faulted in anew (in 2 MB pages where
     # numpy asks for them: 330 faults here); tuned, the first block's memory is reused.
     assert faults < 10 <= default_faults
+
+
+def test_the_cell_table_loads_in_pandas_as_the_store_holds_it(synthetic_run):
+    import pandas as pd
+
+    run, _ = synthetic_run
+    table = pd.read_parquet(run.cells_table)
+    cells = zarr.open_group(run.store, mode="r")["cells"]
+    codes = zarr.open_group(run.store, mode="r").attrs["class_codes"]
+    assert len(table) == cells["id"].shape[0] > 0
+    assert table["id"].tolist() == cells["id"][:].tolist()
+    np.testing.assert_array_equal(table["confidence"].to_numpy(), cells["confidence"][:])
+    np.testing.assert_array_equal(
+        np.stack([np.stack(ring) for ring in table["contour"]]), cells["contour"][:]
+    )
+    for k, code in enumerate(codes):
+        np.testing.assert_array_equal(table[f"probabilities_{code}"], cells["probabilities"][:, k])
+    assert (table["class"] == np.asarray(codes)[cells["top_class"][:]]).all()
+    # Every column is documented in docs/outputs.md.
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "outputs.md").read_text()
+    for column in table.columns:
+        documented = (
+            column.split("_")[0] + "_<CODE>" if column.startswith("probabilities_") else column
+        )
+        assert f"`{documented}`" in docs, column
+
+
+def test_the_run_records_when_it_started_and_finished(synthetic_run):
+    from datetime import datetime
+
+    run, _ = synthetic_run
+    times = zarr.open_group(run.store, mode="r").attrs["run"]
+    started, finished = (datetime.fromisoformat(times[k]) for k in ("started", "finished"))
+    assert started.utcoffset() is not None and started <= finished
+    assert times["finished"] in run.report.read_text()

@@ -411,7 +411,8 @@ def _run_summary(path: Path, outcome) -> str:
     lines.append(f"  blasts {'not assessable' if blasts is None else f'{blasts:.1f} %'}")
     lines.append(f"  M:E {'n/a' if result.me_ratio is None else f'{result.me_ratio:.2f}'}")
     lines += [f"  warning: {w}" for w in result.warnings]
-    lines += [f"  {name}: {getattr(outcome, name)}" for name in ("store", "geojson", "report")]
+    names = ("store", "geojson", "report", "cells_table")
+    lines += [f"  {name}: {getattr(outcome, name)}" for name in names]
     return "\n".join(lines)
 
 

@@ -205,6 +205,7 @@ def write_report(
     classifier: Mapping[str, Any],
     parameters: Mapping[str, Any],
     timings: Mapping[str, float],
+    run: Mapping[str, str] | None = None,
     thumbnail: NDArray[np.uint8] | None = None,
     thumbnail_scale: float = 1.0,
     region: Sequence[NDArray[np.floating]] = (),
@@ -225,6 +226,8 @@ def write_report(
         At least ``name``; ``caveat`` is shown prominently when present.
     parameters : mapping
         Run parameters, shown as given.
+    run : mapping of str to str, optional
+        When the run started and finished (ISO 8601, UTC).
     timings : mapping of str to float
         Seconds per stage.
     thumbnail : (h, w, 3) uint8, optional
@@ -271,6 +274,8 @@ def write_report(
         sections += ["<h2>Saliency: most confident cells of each class</h2>", _mosaics(mosaics)]
     sections += [
         "<h2>Provenance</h2>",
+        "<h3>Run (UTC)</h3>" if run else "",
+        _definition_list(run) if run else "",
         "<h3>Slide</h3>",
         _definition_list(slide),
         "<h3>Classifier</h3>",

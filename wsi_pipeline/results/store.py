@@ -233,6 +233,14 @@ class ResultWriter:
         self._pending_cells = total - n
         self._written_cells += n
 
+    def read_rows(self, start: int, stop: int) -> dict[str, NDArray]:
+        """Every ``cells/*`` column of the cells ``start`` to ``stop`` appended so far."""
+        self._flush()
+        return {
+            field.name: np.asarray(_array(self._root, f"cells/{field.name}")[start:stop])
+            for field in CELL_FIELDS
+        }
+
     def read_columns(self, *names: str) -> tuple[NDArray, ...]:
         """Whole ``cells/*`` columns appended so far (small ones: class, confidence, ...)."""
         self._flush()

@@ -76,6 +76,7 @@ def _reusable(paths: dict[str, Path], key: str) -> bool:
         and attrs.get("result_key") == key
         and geojson_result_key(paths["geojson"]) == key
         and report_result_key(paths["report"]) == key
+        and paths["cells_table"].is_file()  # written before the store is marked complete
     )
 
 

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from wsi_pipeline.core.errors import SlideError
 from wsi_pipeline.model import explain
 from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
+from wsi_pipeline.results.cells_table import write_cells_parquet
 from wsi_pipeline.results.counts import Differential, differential
 from wsi_pipeline.results.geojson import GeoJSONWriter
 from wsi_pipeline.results.report import write_report
@@ -46,6 +48,7 @@ class SlideRun:
     geojson: Path
     report: Path
     mosaics: Path
+    cells_table: Path
     differential: Differential
     timings: dict[str, float] = field(default_factory=dict)
     unreadable_tiles: list[dict[str, Any]] = field(default_factory=list)
@@ -107,12 +110,14 @@ def result_key(slide_sha256: str, card: ClassifierCard, options: RunOptions) -> 
 
 
 def output_paths(out_dir: Path, stem: str, zip_geojson: bool) -> dict[str, Path]:
-    """Where a slide's outputs go: ``OUT/<stem>.zarr``, ``.geojson[.zip]``, ``.report.html``."""
+    """Where a slide's outputs go: ``OUT/<stem>.zarr``, ``.geojson[.zip]``, ``.report.html``,
+    ``.mosaics/``, ``.cells.parquet``."""
     return {
         "store": out_dir / f"{stem}.zarr",
         "geojson": out_dir / f"{stem}.geojson{'.zip' if zip_geojson else ''}",
         "report": out_dir / f"{stem}.report.html",
         "mosaics": out_dir / f"{stem}.mosaics",
+        "cells_table": out_dir / f"{stem}.cells.parquet",
     }
 
 
@@ -223,8 +228,19 @@ def write_outputs(
             if unreadable:
                 warnings = (*result.warnings, unreadable_warning(unreadable))
                 result = replace(result, warnings=warnings)
-            writer.update_attrs(unreadable_tiles={"count": len(unreadable), "tiles": unreadable})
+            run = {**attrs["run"], "finished": datetime.now(UTC).isoformat(timespec="seconds")}
+            writer.update_attrs(
+                unreadable_tiles={"count": len(unreadable), "tiles": unreadable}, run=run
+            )
             writer.write_counts(result)
+            write_cells_parquet(
+                paths["cells_table"],
+                writer.read_rows,
+                writer.n_cells,
+                card.codes,
+                threshold=options.min_confidence,
+                min_agreement=options.min_agreement,
+            )
             _write_mosaics(writer, paths["mosaics"], mosaics)
             features.commit()
             write_report(
@@ -234,6 +250,7 @@ def write_outputs(
                 classifier={"name": card.name, "caveat": card.caveat},
                 parameters=attrs["parameters"],
                 timings=timings,
+                run=run,
                 thumbnail=plan.thumbnail,
                 thumbnail_scale=plan.thumbnail_scale,
                 region=plan.region,
@@ -242,7 +259,7 @@ def write_outputs(
             )
         # The store last: a complete store always has its GeoJSON and report beside it.
         store = writer.commit(timings)
-    outputs = (store, paths["geojson"], paths["report"], paths["mosaics"])
+    outputs = (store, paths["geojson"], paths["report"], paths["mosaics"], paths["cells_table"])
     return SlideRun(*outputs, result, timings, unreadable)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,7 @@ def plan_slide(
     The checksum is computed on a second thread while the rest is planned; the ``open`` timing
     is the wait for it after planning. ``stem`` names the outputs (default: the slide's stem).
     """
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     timings: dict[str, float] = {}
     stage = stage_timer(timings)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -150,6 +152,7 @@ def plan_slide(
             if hashing is not None:  # submitted exactly when no checksum was given
                 checksum = hashing.result()
     attrs = {
+        "run": {"started": started},
         "slide": {**slide.info.as_dict(), "sha256": checksum},
         "classifier": {**card.to_dict(), "path": str(card.path)},
         "parameters": options.as_dict(),
