@@ -257,3 +257,32 @@ def test_the_fine_tuned_card_names_its_parent_and_runs_end_to_end(slide_run, cor
     assert set(reports) == {CARD, "lab"}
     # The parent never saw the corrections: it is scored on the lab card's held-out part.
     assert reports[CARD]["n"] == reports["lab"]["n"] > 0
+
+
+def test_an_added_object_without_geometry_is_one_clear_error():
+    from wsi_pipeline.core.errors import InputError
+    from wsi_pipeline.learn.corrections import find_corrections
+
+    sha = "a" * 64
+    cells = {
+        "id": np.arange(2),
+        "x": np.array([10.0, 20.0]),
+        "y": np.array([10.0, 20.0]),
+        "top_class": np.array([0, 1], np.int16),
+        "confidence": np.ones(2, np.float32),
+        "agreement": np.ones(2, np.float32),
+    }
+    kept = {"type": "Feature", "id": cell_uuid(sha, 0), "geometry": None, "properties": {}}
+    broken = {
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": None,
+        "properties": {"classification": {"name": "Blast (BLA)"}},
+    }
+    with pytest.raises(InputError, match="'Blast \\(BLA\\)' object has no usable geometry"):
+        find_corrections([kept, broken], cells, ["BLA", "LYT"], sha, threshold=0.5,
+                         min_agreement=0.6)  # fmt: skip
+    # Without it: cell 1 is missing from a whole-slide export, so it was deleted.
+    (deleted,) = find_corrections([kept], cells, ["BLA", "LYT"], sha, threshold=0.5,
+                                  min_agreement=0.6)  # fmt: skip
+    assert (deleted.cell_id, deleted.old_class, deleted.new_class) == (1, "LYT", "ART")

@@ -235,7 +235,12 @@ def find_corrections(
                 raise InputError(source, f"cell {int(cells['id'][row])} appears twice")
             seen[row] = code
         elif code is not None:
-            centres = _centres(feature["geometry"])
+            try:
+                centres = _centres(feature["geometry"])
+            except (KeyError, TypeError, AttributeError, ValueError, shapely.errors.ShapelyError):
+                raise InputError(
+                    source, f"an added {name!r} object has no usable geometry"
+                ) from None
             added += [Correction(None, "", code, "added", x, y) for x, y in centres]
     if foreign:
         raise InputError(
