@@ -98,3 +98,9 @@ def test_bad_input_is_refused():
         differential(["BLA", "NGS"], [0.9], ALL)
     with pytest.raises(KeyError, match="unknown cell class"):
         differential([], [], ["XYZ"])
+
+
+def test_one_uncertain_cell_is_one_cell():
+    result = differential(["NGS", "NGS", "LYT"], [0.9, 0.9, 0.2], ["NGS", "LYT"])
+    assert any(w.startswith("1 cell counted as uncertain") for w in result.warnings)
+    assert any(w.startswith("only 2 cells countable") for w in result.warnings)

@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 
-from wsi_pipeline.core.taxonomy import codes
+from wsi_pipeline.core.taxonomy import MATURATION_ORDER, codes
 from wsi_pipeline.results.counts import differential
 from wsi_pipeline.results.report import write_report
 
@@ -74,3 +74,15 @@ def test_report_says_plainly_when_there_are_no_white_cells(tmp_path):
     assert "No white cells found" in html
     assert not any(a.get("id") == "chart" for _, a in tags)
     assert any(a.get("id") == "differential" for _, a in tags)
+
+
+def test_the_chart_reads_in_maturation_order(tmp_path):
+    top = np.repeat(["NGS", "EBO", "BLA", "MYB", "LYT", "PMO", "MON"], 50)
+    result = differential(top, np.full(top.size, 0.9), codes())
+    _, html, _ = _render(tmp_path, result)
+    chart = html[html.index('<svg id="chart"') :]
+    chart = chart[: chart.index("</svg>")]
+    shown = re.findall(r">([A-Z]{3}) ", chart)
+    counted = [code for code in shown if code in set(top)]
+    assert counted == ["BLA", "PMO", "MYB", "NGS", "EBO", "LYT", "MON"]
+    assert shown == sorted(shown, key=MATURATION_ORDER.index)

@@ -57,3 +57,11 @@ def test_tolerated_confusions_are_neighbouring_stages_only():
 def test_unknown_code_names_the_known_ones():
     with pytest.raises(KeyError, match="unknown cell class 'XYZ'.*ABE"):
         cell_class("XYZ")
+
+
+def test_maturation_order_holds_every_class_once():
+    from wsi_pipeline.core.taxonomy import MATURATION_ORDER
+
+    assert sorted(MATURATION_ORDER) == sorted(codes())
+    granulopoiesis = [MATURATION_ORDER.index(c) for c in ("BLA", "PMO", "MYB", "MMZ", "NGB", "NGS")]
+    assert granulopoiesis == sorted(granulopoiesis)

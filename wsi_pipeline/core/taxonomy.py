@@ -12,6 +12,7 @@ from dataclasses import dataclass
 __all__ = [
     "CLASSES",
     "GROUPS",
+    "MATURATION_ORDER",
     "TOLERATED_CONFUSIONS",
     "CellClass",
     "cell_class",
@@ -96,6 +97,14 @@ CLASSES: tuple[CellClass, ...] = (
     CellClass("PLM", "Plasma cell", "plasma cells", "#9400d3"),
     CellClass("PMO", "Promyelocyte", "promyelocytes", "#ff69b4"),
 )
+
+#: The classes in the order a haematologist reads a differential: granulopoiesis from blast to
+#: segmented neutrophil, eosinophils and basophils, then erythroid, lymphoid and monocytic
+#: cells, then the rest.
+MATURATION_ORDER: tuple[str, ...] = (
+    "BLA", "PMO", "FGC", "MYB", "MMZ", "NGB", "NGS", "ABE", "EOS", "BAS",
+    "PEB", "EBO", "LYI", "LYT", "HAC", "PLM", "MON", "OTH", "ART", "KSC", "NIF",
+)  # fmt: skip
 
 _BY_CODE = {c.code: c for c in CLASSES}
 _BY_LABEL = {c.label: c for c in CLASSES}

@@ -264,6 +264,11 @@ def _me_ratio(groups: dict[str, Tally]) -> tuple[float | None, list[str]]:
     return m / e, flags
 
 
+def _cells(n: int) -> str:
+    """``"1 cell"``, ``"2 cells"``."""
+    return f"{n} cell{'' if n == 1 else 's'}"
+
+
 def certain(
     confidence: ArrayLike,
     agreement: ArrayLike | None = None,
@@ -362,14 +367,14 @@ def differential(
         warnings.append(f"{NO_WHITE_CELLS}: no countable white cell among {total} objects")
     elif countable < ICSH_MIN_CELLS:
         warnings.append(
-            f"only {countable} countable cells; ICSH recommends at least {ICSH_MIN_CELLS}"
+            f"only {_cells(countable)} countable; ICSH recommends at least {ICSH_MIN_CELLS}"
         )
     uncertain = int(total - confident.sum())
     if uncertain:
         why = f"confidence under {threshold:g}"
         if agreement is not None:
             why += f" or fewer than {min_agreement:.0%} of the snapshots agreeing"
-        warnings.append(f"{uncertain} cells counted as uncertain ({why})")
+        warnings.append(f"{_cells(uncertain)} counted as uncertain ({why})")
     return Differential(
         classes=classes,
         groups=tuple(groups.values()),

@@ -21,7 +21,7 @@ from PIL import Image
 
 from wsi_pipeline import __version__
 from wsi_pipeline.core.files import atomic_path
-from wsi_pipeline.core.taxonomy import cell_class
+from wsi_pipeline.core.taxonomy import MATURATION_ORDER, cell_class
 from wsi_pipeline.results.counts import Differential, Tally
 
 __all__ = ["write_report", "png_data_uri"]
@@ -104,7 +104,10 @@ def _table(result: Differential) -> str:
 
 
 def _bar_chart(result: Differential) -> str:
-    rows = [c for c in result.classes if c.percent is not None]
+    rows = sorted(
+        (c for c in result.classes if c.percent is not None),
+        key=lambda c: MATURATION_ORDER.index(c.key),
+    )
     if not rows:
         return ""
     bar_h, left, width = 18, 200, 480
