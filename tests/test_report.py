@@ -86,3 +86,22 @@ def test_the_chart_reads_in_maturation_order(tmp_path):
     counted = [code for code in shown if code in set(top)]
     assert counted == ["BLA", "PMO", "MYB", "NGS", "EBO", "LYT", "MON"]
     assert shown == sorted(shown, key=MATURATION_ORDER.index)
+
+
+def test_provenance_reads_as_key_value_pairs_not_python_reprs(tmp_path):
+    top = np.repeat(["BLA", "NGS"], 10)
+    result = differential(top, np.full(top.size, 0.9), codes())
+    path = write_report(
+        tmp_path / "p.report.html",
+        result,
+        slide={"path": "/data/s.svs", "dimensions": [4000, 3000], "objective_power": None},
+        classifier={"name": "default", "weights": {"sha256": ["ab", "cd"]}},
+        parameters={"saliency": ["gradcam", "smoothgrad"], "mpp": None},
+        timings={"detect": 1.5},
+    )
+    html = path.read_text(encoding="utf-8")
+    assert "<dt>dimensions</dt><dd>4000, 3000</dd>" in html
+    assert "<dt>weights.sha256</dt><dd>ab, cd</dd>" in html
+    assert "<dt>saliency</dt><dd>gradcam, smoothgrad</dd>" in html
+    assert "<dt>mpp</dt><dd>-</dd>" in html
+    assert not any(token in html for token in ("[&#x27;", "{&#x27;", "None<"))

@@ -168,12 +168,24 @@ def _mosaics(mosaics: Mapping[str, Mapping[str, NDArray[np.uint8]]]) -> str:
     return "".join(parts)
 
 
+def _flat(items: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested provenance as readable key/value pairs: ``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``;
+    lists of plain values joined by commas, ``None`` as a dash."""
+    flat: dict[str, str] = {}
+    for key, value in items.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= _flat(value, f"{name}.")
+        elif isinstance(value, list | tuple) and all(not isinstance(v, Mapping) for v in value):
+            flat[name] = ", ".join("-" if v is None else str(v) for v in value) or "-"
+        else:
+            flat[name] = "-" if value is None or value == {} else str(value)
+    return flat
+
+
 def _definition_list(items: Mapping[str, Any]) -> str:
-    return (
-        "<dl>"
-        + "".join(f"<dt>{escape(str(k))}</dt><dd>{escape(str(v))}</dd>" for k, v in items.items())
-        + "</dl>"
-    )
+    pairs = _flat(items).items()
+    return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in pairs) + "</dl>"
 
 
 def _notes(result: Differential) -> str:
