@@ -71,7 +71,6 @@ __all__ = [
 ]
 
 
-#: The augmentation of every training batch (recorded in the card).
 @dataclass(frozen=True)
 class TrainConfig:
     """Training options (every one is a ``wsi train`` option of the same name).
@@ -394,7 +393,7 @@ def _corrections_manifests(folders: Sequence[Path]) -> list[dict[str, Any]]:
         manifest = folder / MANIFEST
         if manifest.is_file():
             record = json.loads(manifest.read_text(encoding="utf-8"))
-            found.append({"folder": str(folder), **record})
+            found.append({"folder": str(folder.resolve()), **record})
     return found
 
 

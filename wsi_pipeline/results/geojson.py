@@ -129,7 +129,12 @@ def _cell_features(
     min_agreement: float,
 ) -> Iterable[str]:
     sure = certain(batch["confidence"], batch.get("agreement"), threshold, min_agreement)
-    classes = {code: cell_class(code) for code in class_codes}
+    # One classification per class, not per cell: a slide holds hundreds of thousands.
+    labelled = {
+        code: {"name": cell_class(code).label, "color": list(hex_to_rgb(cell_class(code).colour))}
+        for code in class_codes
+    }
+    uncertain = {"name": UNCERTAIN_CLASS, "color": list(UNCERTAIN_COLOR)}
     for cell_id, ring, nucleus, top, is_certain, measurements in zip(
         np.asarray(batch["id"]).tolist(),
         _closed_rings(batch["contour"]),
@@ -139,11 +144,7 @@ def _cell_features(
         _measurements(batch, class_codes),
         strict=True,
     ):
-        if is_certain:
-            chosen = classes[class_codes[top]]
-            classification = {"name": chosen.label, "color": list(hex_to_rgb(chosen.colour))}
-        else:
-            classification = {"name": UNCERTAIN_CLASS, "color": list(UNCERTAIN_COLOR)}
+        classification = labelled[class_codes[top]] if is_certain else uncertain
         # A QuPath cell: the membrane as the geometry, the nucleus beside it.
         yield _feature(
             cell_uuid(slide_sha256, cell_id),
