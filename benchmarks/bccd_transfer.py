@@ -152,10 +152,10 @@ def wsi(*args: object) -> str:
     return done.stdout
 
 
-def count(slide: Path, out: Path, card: str | Path, mpp: float) -> Path:
-    """``wsi run`` on a mosaic; the store."""
+def count(slide: Path, out: Path, card: str | Path, mpp: float, *options: str) -> Path:
+    """``wsi run`` on a mosaic, with any further ``options``; the store."""
     wsi("run", slide, "--out", out, "--classifier", card, "--mpp", mpp, "--region", "all",
-        "--saliency", "none", "--device", "cpu", "--quiet")  # fmt: skip
+        "--saliency", "none", "--device", "cpu", "--quiet", *options)  # fmt: skip
     return out / f"{slide.stem}.zarr"
 
 

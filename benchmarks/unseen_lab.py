@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bccd_transfer import TYPE_CODES, TYPES, load_cells
+from bccd_transfer import TYPE_CODES, TYPES, load_fields
+from PIL import Image
 
 from wsi_pipeline.learn.evaluate import classification_report
 from wsi_pipeline.model.classify import Classifier
@@ -26,6 +27,32 @@ from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER = len(TYPES)  # any class outside the five groups
+
+
+def _crop(image: np.ndarray, centre: tuple[float, float], side: int, size: int) -> np.ndarray:
+    """A ``side``-px square around ``centre`` resized to ``size``; background colour past the
+    border (mirroring would duplicate the cell)."""
+    h, w = image.shape[:2]
+    padded = np.empty((h + 2 * side, w + 2 * side, 3), np.uint8)
+    padded[:] = np.median(image.reshape(-1, 3), 0).astype(np.uint8)
+    padded[side : side + h, side : side + w] = image
+    x0, y0 = round(centre[0] - side / 2) + side, round(centre[1] - side / 2) + side
+    square = Image.fromarray(padded[y0 : y0 + side, x0 : x0 + side])
+    return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+
+
+def load_cells(data: Path, fov_um: float, size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Crops of the typed white-cell boxes of BCCD, their type indices and the estimated
+    microns per pixel."""
+    fields, mpp = load_fields(data)
+    side = round(fov_um / mpp)
+    crops, types = [], []
+    for field in fields:
+        image = np.asarray(Image.open(data / "JPEGImages" / f"{field.name}.jpg").convert("RGB"))
+        for x0, y0, x1, y1 in field.boxes:
+            crops.append(_crop(image, ((x0 + x1) / 2, (y0 + y1) / 2), side, size))
+            types.append(field.type)
+    return np.stack(crops), np.array(types), mpp
 
 
 def group_of_codes(codes: tuple[str, ...]) -> np.ndarray:
@@ -44,10 +71,10 @@ def main() -> None:
 
     started = time.perf_counter()
     classifier = Classifier(args.card, device="cpu")
-    cells, mpp = load_cells(
+    crops, types, mpp = load_cells(
         args.data, classifier.card.model.fov_um, classifier.card.model.input_size
     )
-    prediction = classifier.predict(cells.crops)
+    prediction = classifier.predict(crops)
     top = prediction.probabilities.argmax(1)
     predicted = group_of_codes(classifier.codes)[top]
     confidence = prediction.probabilities.max(1)
@@ -55,7 +82,7 @@ def main() -> None:
     labels = (*TYPES, "OTHER")
 
     def scores(keep: np.ndarray) -> dict:
-        report = classification_report(cells.types[keep], predicted[keep], labels)
+        report = classification_report(types[keep], predicted[keep], labels)
         per_type = {t: report["per_class"][t] for t in TYPES}
         macro_f1 = float(np.mean([per_type[t]["f1"] for t in TYPES if per_type[t]["support"]]))
         return {
@@ -72,7 +99,7 @@ def main() -> None:
                 "card": classifier.card.name,
                 "data": str(args.data),
                 "estimated_mpp": round(mpp, 4),
-                "cells_per_type": {t: int((cells.types == i).sum()) for i, t in enumerate(TYPES)},
+                "cells_per_type": {t: int((types == i).sum()) for i, t in enumerate(TYPES)},
                 "answered_classes": answered,
                 "all_cells": scores(np.ones(len(predicted), bool)),
                 "uncertain_share": round(float(1 - certain.mean()), 4),

@@ -86,7 +86,8 @@ def test_run_leaves_the_tile_out_and_says_so(damaged_slide, tmp_path):
     assert [tile["origin"] for tile in unreadable["tiles"]] == [list(BAD_TILE_ORIGIN)]
     assert "premature end of data segment" in unreadable["tiles"][0]["problem"]
     assert 9 not in set(store["cells/tile_id"][:])
-    assert any("1 unreadable tile" in w for w in store.attrs["counts"]["warnings"])
+    findings = store.attrs["counts"]["findings"]
+    assert any(f["severity"] == "caution" and "1 unreadable tile" in f["message"] for f in findings)
     report = (tmp_path / "out" / "CMU-1-Small-Region.report.html").read_text()
     assert "1 unreadable tile left out" in report
 

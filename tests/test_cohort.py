@@ -18,6 +18,7 @@ import pytest
 import zarr
 
 from wsi_pipeline.image.slide import open_slide
+from wsi_pipeline.results.plausibility import worst
 from wsi_pipeline.run.cluster import dask_client, load_workflow
 from wsi_pipeline.run.folder import run_cohort
 from wsi_pipeline.run.local import run_slide
@@ -80,7 +81,13 @@ def test_folder_runs_on_local_cluster_and_reports_bad_slides(card, slides, share
     assert row["cells"] == alone.differential.total_cells > 0
     for tally in alone.differential.classes:
         expected = np.nan if tally.percent is None else tally.percent  # None is NaN in Parquet
-        assert row[f"class:{tally.key}"] == pytest.approx(expected, nan_ok=True)
+        assert row[f"percent:{tally.key}"] == pytest.approx(expected, nan_ok=True)
+    assert row["countable"] == alone.differential.countable
+    assert row["blast_percent"] == pytest.approx(alone.differential.blast_percent)
+    assert row["worst"] == worst(alone.differential.findings)
+    assert row["findings"].startswith(alone.differential.findings[0].severity)
+    page = (out / "cohort.html").read_text()
+    assert 'href="smear-1.report.html"' in page and "Bogus marker" in page
 
 
 def _worker_processes() -> list[psutil.Process]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.core.taxonomy import codes
-from wsi_pipeline.results.counts import ICSH_MIN_CELLS, differential, wilson_interval
+from wsi_pipeline.results.counts import differential, wilson_interval
+from wsi_pipeline.results.plausibility import MIN_CELLS
 
 ALL = codes()
 
@@ -20,6 +21,10 @@ def _cells(mix: dict[str, int], confidence: float = 0.9) -> tuple[np.ndarray, np
 
 def _row(rows, key):
     return next(r for r in rows if r.key == key)
+
+
+def _said(result, severity=None):
+    return [f.message for f in result.findings if severity in (None, f.severity)]
 
 
 def test_wilson_interval_matches_published_values():
@@ -56,7 +61,8 @@ def test_missing_class_is_not_assessable_never_zero():
     blasts = _row(result.classes, "BLA")
     assert blasts.count is None and blasts.percent is None and not blasts.assessable
     assert result.blast_percent is None
-    assert any("blast percentage not assessable" in f for f in result.flags)
+    assert any("blast percentage not assessable" in f for f in _said(result, "caution"))
+    assert result.blast_not_assessable == "the classifier card has no blast (BLA) class"
     assert json.loads(json.dumps(result.as_dict()))["blast_percent"] is None
 
 
@@ -65,29 +71,53 @@ def test_partially_recognised_group_is_a_lower_bound():
     result = differential(*_cells({"NGS": 600}), card)
     neutrophils = _row(result.groups, "neutrophils")
     assert neutrophils.assessable and neutrophils.missing == ("NGB",)
-    assert any("neutrophils % is a lower bound" in f for f in result.flags)
+    (scope,) = [f for f in result.findings if f.kind == "scope" and f.topic == "classifier"]
+    assert scope.severity == "info" and "neutrophils (NGB; a lower bound)" in scope.message
+
+
+def test_what_the_card_lacks_is_one_note_not_one_per_group():
+    card = ["NGS", "LYT", "BLA", "ART"]
+    result = differential(*_cells({"NGS": 300, "LYT": 200}), card)
+    scope = [f for f in result.findings if f.topic == "classifier"]
+    assert len(scope) == 1 and scope[0].severity == "info"
+    for group in ("promyelocytes", "myelocytes", "monocytes", "plasma cells", "erythroid"):
+        assert group in scope[0].message
 
 
 @pytest.mark.parametrize(
-    ("blasts", "expected"),
-    [(10, "(< 5 %)"), (60, "(>= 5 %)"), (120, "(>= 10 %)"), (250, "(>= 20 %)")],
+    ("blasts", "expected", "severity"),
+    [
+        (10, "(< 5 %)", "info"),
+        (60, "(>= 5 %)", "caution"),
+        (120, "(>= 10 %)", "caution"),
+        (250, "(>= 20 %)", "critical"),
+    ],
 )
-def test_blast_thresholds(blasts, expected):
+def test_blast_thresholds(blasts, expected, severity):
     result = differential(*_cells({"BLA": blasts, "NGS": 1000 - blasts}), ALL)
-    assert expected in result.flags[0]
-    assert ("WHO threshold" in result.flags[0]) == (blasts >= 200)
+    (finding,) = [
+        f for f in result.findings if f.topic == "blasts" and "straddles" not in f.message
+    ]
+    assert expected in finding.message and finding.severity == severity
+    assert ("WHO threshold" in finding.message) == (blasts >= 200)
 
 
 def test_small_count_warns_and_no_cells_is_a_clear_result():
-    small = differential(*_cells({"NGS": ICSH_MIN_CELLS - 1}), ALL)
-    assert any("ICSH" in w for w in small.warnings)
-    big = differential(*_cells({"NGS": ICSH_MIN_CELLS}), ALL)
-    assert not any("ICSH" in w for w in big.warnings)
+    small = differential(*_cells({"NGS": MIN_CELLS["marrow"] - 1}), ALL)
+    assert any("ICSH 2008" in w for w in _said(small, "caution")) and not small.adequate
+    big = differential(*_cells({"NGS": MIN_CELLS["marrow"]}), ALL)
+    assert not any("ICSH" in w for w in _said(big)) and big.adequate
+    blood = differential(*_cells({"NGS": MIN_CELLS["blood"]}), ALL, specimen="blood")
+    assert blood.adequate and blood.min_cells == 200 and blood.me_ratio is None
 
     empty = differential(*_cells({"ART": 3}), ALL)
     assert empty.no_white_cells and empty.as_dict()["status"] == "no white cells found"
     assert all(r.percent is None and r.count == 0 for r in empty.classes)
     assert empty.me_ratio is None and empty.blast_percent is None
+    assert empty.blast_not_assessable == "no white cells found"
+    assert (
+        empty.findings[0].severity == "critical" and "no white cells" in empty.findings[0].message
+    )
     json.dumps(empty.as_dict(), allow_nan=False)
 
 
@@ -98,9 +128,11 @@ def test_bad_input_is_refused():
         differential(["BLA", "NGS"], [0.9], ALL)
     with pytest.raises(KeyError, match="unknown cell class"):
         differential([], [], ["XYZ"])
+    with pytest.raises(ValueError, match="specimen"):
+        differential([], [], ALL, specimen="urine")
 
 
 def test_one_uncertain_cell_is_one_cell():
     result = differential(["NGS", "NGS", "LYT"], [0.9, 0.9, 0.2], ["NGS", "LYT"])
-    assert any(w.startswith("1 cell counted as uncertain") for w in result.warnings)
-    assert any(w.startswith("only 2 cells countable") for w in result.warnings)
+    assert any(w.startswith("1 of 3 cells (33%) are uncertain") for w in _said(result))
+    assert any(w.startswith("only 2 cells countable") for w in _said(result))

@@ -116,6 +116,29 @@ def test_store_holds_every_part(synthetic_run):
     assert attrs["slide"]["sha256"] and attrs["classifier"]["weights"]["sha256"]
 
 
+def test_an_ngff_reader_opens_the_overview_and_the_mosaics(synthetic_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    run, _ = synthetic_run
+    root = zarr.open_group(run.store, mode="r")
+    names = ["overview"] + [
+        f"mosaics/{m}-{c}" for m in ("gradcam", "smoothgrad") for c in root[f"mosaics/{m}"]
+    ]
+    for name in names:
+        (image, *_) = Reader(parse_url(run.store / "images" / name))()
+        assert image.load(Multiscales), name
+        levels = [np.asarray(level) for level in image.data]
+        assert levels[0].shape[0] == 3 and levels[0].dtype == np.uint8
+        assert [axis["name"] for axis in image.metadata["axes"]] == ["c", "y", "x"]
+        if name.startswith("mosaics/"):  # the same pixels as the plain array
+            method, code = name.removeprefix("mosaics/").split("-")
+            assert np.array_equal(levels[0].transpose(1, 2, 0), root[f"mosaics/{method}/{code}"][:])
+    (node, *_) = Reader(parse_url(run.store / "images/overview"))()
+    overview = [np.asarray(level) for level in node.data]
+    assert max(overview[0].shape[1:]) > 500  # not a few dozen pixels wide
+
+
 def test_geojson_and_report_beside_the_store(synthetic_run):
     run, _ = synthetic_run
     features = json.loads(run.geojson.read_text())["features"]
@@ -135,7 +158,7 @@ def test_inspect_prints_the_summary_as_json(synthetic_run):
     assert summary["status"] == "complete"
     assert summary["classifier"]["name"] == "synthetic-demo"
     counts = summary["counts"]
-    for key in ("classes", "groups", "me_ratio", "blast_percent", "flags"):
+    for key in ("classes", "groups", "me_ratio", "blast_percent", "findings", "adequate"):
         assert key in counts
     assert "detect" in summary["timings"]
 
@@ -205,16 +228,23 @@ def test_real_he_slides_complete_and_say_what_they_found(shared_data, tmp_path, 
     counts = summary["counts"]
     # The default card recognises blasts; plasma cells and proerythroblasts it cannot.
     assert counts["blast_percent"] is not None or counts["countable"] == 0
-    assert any("not assessable" in flag for flag in counts["flags"])
+    said = {f["message"]: f["severity"] for f in counts["findings"]}
+    assert any("not assessable" in message for message in said)
     if counts["countable"] < 500:
-        assert any("500" in warning for warning in counts["warnings"])
+        assert any("500" in m and severity == "caution" for m, severity in said.items())
     with open_geojson(tmp_path / f"{stem}.geojson.zip") as stream:
         assert json.load(stream)["type"] == "FeatureCollection"
     page = (tmp_path / f"{stem}.report.html").read_text()
     assert 'id="differential"' in page
 
 
-def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
+#: The summary block's frame colour in the report's CSS (``#summary``), RGB.
+SUMMARY_FRAME = (0x1A, 0x4F, 0x8B)
+
+
+def test_report_renders_in_headless_chromium_with_the_summary_on_the_first_screen(
+    synthetic_run, tmp_path
+):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("headless Chromium not installed (make test installs Debian's chromium)")
@@ -222,7 +252,8 @@ def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600",
+        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800",
+        "--hide-scrollbars",
     ]  # fmt: skip
     url = run.report.resolve().as_uri()
     dom = subprocess.run(
@@ -230,11 +261,18 @@ def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
     ).stdout
     assert '<table id="differential"' in dom
     assert "Blast" in dom and "synthetic-demo" in dom
+    summary = dom[dom.index('<section id="summary"') :]
+    assert "<dt>Blasts</dt>" in summary[: summary.index("</section>")]
+    # A laptop's first screen, no scrolling: the summary's frame is painted whole, top and
+    # bottom edge, so every line inside it is visible.
     shot = tmp_path / "report.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(shot).convert("L"))
-    assert pixels.shape == (1600, 1200)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape == (800, 1280, 3)
     assert pixels.std() > 10  # text, table and images, not a blank page
+    frame = (np.abs(pixels - SUMMARY_FRAME).max(axis=2) <= 8).sum(axis=1) > 600
+    edges = np.flatnonzero(frame)
+    assert edges.size >= 2 and edges[-1] - edges[0] > 150, "summary frame not on the first screen"
 
 
 def test_batched_cuts_equal_batches_and_keeps_every_cell_and_second():

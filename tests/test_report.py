@@ -57,7 +57,8 @@ def test_report_is_self_contained(tmp_path):
     assert any(t == "svg" and a.get("id") == "chart" for t, a in tags)
     assert sum(t == "polygon" for t, _ in tags) == 1
     images = [a.get("src") or a.get("href") for t, a in tags if t in ("img", "image")]
-    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 3 and images[0].startswith("data:image/jpeg;base64,")  # the overview
+    assert all(src.startswith("data:image/png;base64,") for src in images[1:])  # lossless maps
     assert not any(t in ("script", "link") for t, _ in tags)
     assert not re.search(r"""(src|href)=["']https?:""", html)  # nothing fetched from a network
     assert "Research model, not for diagnosis." in html
@@ -105,3 +106,39 @@ def test_provenance_reads_as_key_value_pairs_not_python_reprs(tmp_path):
     assert "<dt>saliency</dt><dd>gradcam, smoothgrad</dd>" in html
     assert "<dt>mpp</dt><dd>-</dd>" in html
     assert not any(token in html for token in ("[&#x27;", "{&#x27;", "None<"))
+
+
+def _section(html, section_id):
+    start = html.index(f'<section id="{section_id}"')
+    return html[start : html.index("</section>", start)]
+
+
+def test_summary_comes_first_with_blasts_adequacy_and_graded_findings(tmp_path):
+    # 81 % eosinophils: what the shipped card gives on a rapid-stained blood smear.
+    top = np.repeat(["EOS", "NGS", "LYT", "BLA"], [324, 40, 30, 6])
+    result = differential(top, np.full(top.size, 0.9), codes())
+    _, html, _ = _render(tmp_path, result)
+    summary = _section(html, "summary")
+    assert html.index('<section id="summary"') < html.index('<table id="differential"')
+    assert "Critical: review the slide" in summary
+    assert '<p class="finding critical"><b>critical</b>eosinophils 81.0 %' in summary
+    assert "<dt>Blasts</dt><dd>1.5 % (95 % CI 0.7-3.2)</dd>" in summary
+    assert "<dt>Adequacy</dt><dd>inadequate: 400 of the 500 cells" in summary
+    assert '<p class="finding caution"><b>caution</b>only 400 cells countable' in summary
+    # context stays out of the summary, in a list of notes below the table
+    assert "below the healthy marrow range" not in summary
+    assert "below the healthy marrow range" in _section(html, "notes")
+
+
+def test_summary_says_why_a_number_is_not_assessable(tmp_path):
+    card = ["NGS", "LYT", "ART"]
+    top = np.repeat(["NGS", "LYT"], [300, 250])
+    result = differential(top, np.full(top.size, 0.9), card)
+    _, html, _ = _render(tmp_path, result)
+    summary = _section(html, "summary")
+    assert "<dd>not assessable: the classifier card has no blast (BLA) class</dd>" in summary
+    assert "M:E ratio not assessable: the classifier card lacks" in summary
+    assert "<dt>Adequacy</dt><dd>adequate: 550 of at least 500 cells</dd>" in summary
+    # what the card lacks is one note, not a box per group
+    notes = _section(html, "notes")
+    assert notes.count("not assessable with this classifier card") == 1

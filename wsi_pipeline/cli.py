@@ -21,6 +21,7 @@ import click
 from wsi_pipeline import __version__
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import exclusive_folder
+from wsi_pipeline.results.plausibility import SPECIMENS
 from wsi_pipeline.run.cluster import DEFAULT_WORKFLOW
 from wsi_pipeline.run.options import (
     BAD_TILE_CHOICES,
@@ -234,6 +235,14 @@ def _image_mpp_option(multiple: bool = False) -> Callable[[Callable], Callable]:
     help="Count in monolayer tiles only (as a haematologist does) or in all of the smear.",
 )
 @click.option(
+    "--specimen",
+    type=click.Choice(SPECIMENS),
+    default="marrow",
+    show_default=True,
+    help="What the slide holds: a bone-marrow aspirate or a blood smear. Chooses the reference "
+    "ranges the differential is checked against and the least count (500 or 200 cells).",
+)
+@click.option(
     "--min-confidence",
     type=_Fraction(),
     default=DEFAULT_CONFIDENCE_THRESHOLD,
@@ -391,11 +400,21 @@ def _run_on_cluster(
             detail = row["reason"] or f"{row.get('cells', 0)} cells"
             click.echo(f"[{len(rows)}/{len(slides)}] {row['slide']}: {row['status']} ({detail})")
             write_cohort_table(rows, out)
-    csv_path, _ = write_cohort_table(rows, out)
+    csv_path, _, page = write_cohort_table(rows, out)
     failed = [r for r in rows if r["status"] == "failed"]
-    click.echo(f"{len(rows) - len(failed)} of {len(rows)} slides counted; table: {csv_path}")
+    counted = f"{len(rows) - len(failed)} of {len(rows)} slides counted"
+    click.echo(f"{counted}; table: {csv_path}; page: {page}")
     if failed:
         raise _BadInput(f"{len(failed)} of {len(rows)} slides failed; reasons in {csv_path}")
+
+
+def _blast_text(result) -> str:
+    """``"3.2 % (95 % CI 1.9-5.1)"``, or why the blast percentage is not assessable."""
+    why = result.blast_not_assessable
+    if why is not None:
+        return f"not assessable: {why}"
+    low, high = result.blast_ci95
+    return f"{result.blast_percent:.1f} % (95 % CI {low:.1f}-{high:.1f})"
 
 
 def _run_summary(path: Path, outcome) -> str:
@@ -407,10 +426,12 @@ def _run_summary(path: Path, outcome) -> str:
     for row in result.groups:
         if row.count:
             lines.append(f"  {row.key:<16}{row.count:>6}  {row.percent:5.1f} %")
-    blasts = result.blast_percent
-    lines.append(f"  blasts {'not assessable' if blasts is None else f'{blasts:.1f} %'}")
+    lines.append(f"  blasts {_blast_text(result)}")
     lines.append(f"  M:E {'n/a' if result.me_ratio is None else f'{result.me_ratio:.2f}'}")
-    lines += [f"  warning: {w}" for w in result.warnings]
+    lines += [f"  {f.severity}: {f.message}" for f in result.findings if f.severity != "info"]
+    notes = sum(f.severity == "info" for f in result.findings)
+    if notes:
+        lines.append(f"  {notes} more note{'s' if notes > 1 else ''} in the report")
     names = ("store", "geojson", "report", "cells_table")
     lines += [f"  {name}: {getattr(outcome, name)}" for name in names]
     return "\n".join(lines)

@@ -16,32 +16,44 @@ Rules
   segmented neutrophils, eosinophils (and abnormal eosinophils), basophils; monocytes are **not**
   included. Erythroid = proerythroblasts (PEB) and erythroblasts (EBO). Blasts are counted as
   myeloid because most marrow blasts are myeloblasts (the MLL BLA class does not say the lineage).
-* Blast percentage is flagged against 5 % (upper limit of normal marrow), 10 % and 20 % (WHO
+* Blast percentage is judged against 5 % (upper limit of normal marrow), 10 % and 20 % (WHO
   threshold for acute leukaemia), with a note when its 95 % interval straddles a threshold.
-* Fewer than :data:`ICSH_MIN_CELLS` countable cells raises a warning (ICSH 2015 recommends a
-  500-cell marrow differential). No countable cell at all gives a "no white cells found" result.
+* Fewer countable cells than the specimen needs (``plausibility.MIN_CELLS``: 500 for marrow,
+  ICSH 2008; 200 for blood) makes the count inadequate. No countable cell at all gives a
+  "no white cells found" result.
+* Every remark is a graded :class:`~wsi_pipeline.results.plausibility.Finding`, including the
+  groups outside the specimen's reference ranges and a high share of uncertain cells (see
+  :mod:`wsi_pipeline.results.plausibility`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from wsi_pipeline.core.taxonomy import CLASSES, GROUPS, cell_class
+from wsi_pipeline.results.plausibility import (
+    MIN_CELLS,
+    Finding,
+    Severity,
+    by_severity,
+    range_findings,
+    uncertain_findings,
+)
 
 __all__ = [
     "DEFAULT_CONFIDENCE_THRESHOLD",
-    "ICSH_MIN_CELLS",
     "BLAST_THRESHOLDS",
     "MYELOID_GROUPS",
     "ERYTHROID_GROUPS",
     "Tally",
     "Differential",
     "differential",
+    "counted_noun",
     "wilson_interval",
 ]
 
@@ -49,7 +61,6 @@ DEFAULT_CONFIDENCE_THRESHOLD = 0.5
 #: Least share of an ensemble's members that must share its top class: a majority of three or
 #: more, both of two.
 DEFAULT_MIN_AGREEMENT = 0.6
-ICSH_MIN_CELLS = 500
 BLAST_THRESHOLDS = (5.0, 10.0, 20.0)
 MYELOID_GROUPS = (
     "blasts",
@@ -153,10 +164,10 @@ class Differential:
     blast_ci95 : tuple of float or None
     card_classes : tuple of str
         Codes the card recognises.
-    flags : tuple of str
-        Clinical flags (blast thresholds, M:E, what is not assessable).
-    warnings : tuple of str
-        Quality warnings (small count, no white cells).
+    specimen : {"marrow", "blood"}
+        What was counted; chooses the reference ranges and the least count.
+    findings : tuple of Finding
+        Everything worth saying about the count, most severe first.
     """
 
     classes: tuple[Tally, ...]
@@ -171,13 +182,36 @@ class Differential:
     blast_percent: float | None
     blast_ci95: tuple[float, float] | None
     card_classes: tuple[str, ...]
-    flags: tuple[str, ...]
-    warnings: tuple[str, ...]
+    specimen: str
+    findings: tuple[Finding, ...]
 
     @property
     def no_white_cells(self) -> bool:
         """Whether nothing was countable."""
         return self.countable == 0
+
+    @property
+    def min_cells(self) -> int:
+        """Least countable cells an adequate count of this specimen holds."""
+        return MIN_CELLS[self.specimen]
+
+    @property
+    def adequate(self) -> bool:
+        """Whether enough cells were counted (:attr:`min_cells`)."""
+        return self.countable >= self.min_cells
+
+    @property
+    def blast_not_assessable(self) -> str | None:
+        """Why the blast percentage is not assessable; None when it is."""
+        if "BLA" not in self.card_classes:
+            return "the classifier card has no blast (BLA) class"
+        if self.no_white_cells:
+            return NO_WHITE_CELLS
+        return None
+
+    def with_findings(self, *findings: Finding) -> Differential:
+        """A copy with ``findings`` added, most severe first."""
+        return replace(self, findings=tuple(by_severity((*self.findings, *findings))))
 
     @property
     def uncertain_rule(self) -> str:
@@ -192,6 +226,8 @@ class Differential:
         out = asdict(self)
         out["status"] = NO_WHITE_CELLS if self.no_white_cells else "ok"
         out["uncertain_rule"] = self.uncertain_rule
+        out["min_cells"] = self.min_cells
+        out["adequate"] = self.adequate
         return out
 
 
@@ -228,45 +264,88 @@ def _validated_codes(
     return codes, conf
 
 
-def _blast_flags(blasts: Tally) -> list[str]:
+def _blast_findings(blasts: Tally) -> list[Finding]:
     if not blasts.assessable:
-        return ["blast percentage not assessable: the classifier card has no BLA class"]
+        why = "the classifier card has no blast (BLA) class"
+        return [Finding("caution", "scope", "blasts", f"blast percentage not assessable: {why}")]
     percent, ci95 = blasts.percent, blasts.ci95
     if percent is None:
-        return [f"blast percentage undefined: {NO_WHITE_CELLS}"]
+        return []  # nothing countable: the no-white-cells finding says so
     if ci95 is None:
         raise ValueError("a blast percentage without its 95 % interval")
     crossed = [t for t in BLAST_THRESHOLDS if percent >= t]
     level = f">= {crossed[-1]:g} %" if crossed else f"< {BLAST_THRESHOLDS[0]:g} %"
-    flags = [f"blasts {percent:.1f} % ({level})"]
+    message = f"blasts {percent:.1f} % ({level})"
+    severity: Severity = "caution" if crossed else "info"
     if crossed and crossed[-1] == BLAST_THRESHOLDS[-1]:
-        flags[0] += ": at or above the WHO threshold for acute leukaemia"
-    straddled = [t for t in BLAST_THRESHOLDS if ci95[0] < t <= ci95[1]]
+        message += ": at or above the WHO threshold for acute leukaemia"
+        severity = "critical"
     low, high = ci95
-    flags += [f"blast % 95 % CI {low:.1f}-{high:.1f} straddles {t:g} %" for t in straddled]
-    return flags
+    straddled = [f"{t:g} %" for t in BLAST_THRESHOLDS if low < t <= high]
+    findings = [Finding(severity, "clinical", "blasts", message)]
+    if straddled:
+        which = " and ".join(
+            [", ".join(straddled[:-1]), straddled[-1]] if len(straddled) > 1 else straddled
+        )
+        said = f"blast % 95 % CI {low:.1f}-{high:.1f} straddles {which}"
+        findings.append(Finding("info", "clinical", "blasts", said))
+    return findings
 
 
-def _me_ratio(groups: dict[str, Tally]) -> tuple[float | None, list[str]]:
+def _me_ratio(groups: dict[str, Tally], specimen: str) -> tuple[float | None, list[Finding]]:
+    def said(message: str) -> Finding:
+        return Finding("info", "scope", "M:E ratio", message)
+
+    if specimen != "marrow":
+        return None, []  # a marrow measure: blood holds (almost) no erythroid precursors
     myeloid = [groups[g] for g in MYELOID_GROUPS]
     erythroid = [groups[g] for g in ERYTHROID_GROUPS]
     if not any(t.assessable for t in myeloid) or not any(t.assessable for t in erythroid):
         lack = "the classifier card lacks the myeloid or the erythroid classes"
-        return None, [f"M:E ratio not assessable: {lack}"]
-    flags = []
+        return None, [said(f"M:E ratio not assessable: {lack}")]
+    findings = []
     missing = [c for t in myeloid + erythroid for c in t.missing]
     if missing:
-        flags.append(f"M:E ratio partial: the classifier card lacks {', '.join(missing)}")
+        findings.append(said(f"M:E ratio partial: the classifier card lacks {', '.join(missing)}"))
     m = sum(t.count or 0 for t in myeloid)
     e = sum(t.count or 0 for t in erythroid)
     if e == 0:
-        return None, [*flags, "M:E ratio undefined: no erythroid cells counted"]
-    return m / e, flags
+        return None, [*findings, said("M:E ratio undefined: no erythroid cells counted")]
+    return m / e, findings
 
 
-def _cells(n: int) -> str:
+def _scope_findings(groups: Sequence[Tally]) -> list[Finding]:
+    """One finding for all the groups the card cannot assess (wholly or in part): a reader
+    needs to know once what the card is blind to, not once per group."""
+    lacking = [g for g in groups if g.missing and g.key != "blasts"]
+    if not lacking:
+        return []
+    parts = [
+        f"{g.key} ({', '.join(g.missing)}{'' if not g.assessable else '; a lower bound'})"
+        for g in lacking
+    ]
+    message = f"not assessable with this classifier card: {'; '.join(parts)}"
+    return [Finding("info", "scope", "classifier", message)]
+
+
+def _count_findings(countable: int, total: int, specimen: str) -> list[Finding]:
+    if countable == 0:
+        message = f"{NO_WHITE_CELLS}: no countable white cell among {counted_noun(total, 'object')}"
+        return [Finding("critical", "quality", "cell count", message)]
+    needed = MIN_CELLS[specimen]
+    if countable < needed:
+        source = "ICSH 2008" if specimen == "marrow" else "CLSI H20-A2"
+        message = (
+            f"only {counted_noun(countable)} countable; a {specimen} differential needs at least "
+            f"{needed} ({source}), so the intervals are wide"
+        )
+        return [Finding("caution", "quality", "cell count", message)]
+    return []
+
+
+def counted_noun(n: int, noun: str = "cell") -> str:
     """``"1 cell"``, ``"2 cells"``."""
-    return f"{n} cell{'' if n == 1 else 's'}"
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def certain(
@@ -294,8 +373,9 @@ def differential(
     threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
     agreement: ArrayLike | None = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    specimen: str = "marrow",
 ) -> Differential:
-    """Count a classified cell table into a marrow differential.
+    """Count a classified cell table into a differential.
 
     Parameters
     ----------
@@ -311,6 +391,9 @@ def differential(
         Share of the ensemble's members that share each cell's top class.
     min_agreement : float
         Cells with ``agreement < min_agreement`` are counted as uncertain too.
+    specimen : {"marrow", "blood"}
+        What was counted: chooses the reference ranges, the least count and whether an M:E
+        ratio applies.
 
     Returns
     -------
@@ -319,8 +402,11 @@ def differential(
     Raises
     ------
     ValueError
-        Mismatched lengths, a code outside the 21 MLL classes, or a top class the card lacks.
+        Mismatched lengths, a code outside the 21 MLL classes, a top class the card lacks, or
+        an unknown specimen.
     """
+    if specimen not in MIN_CELLS:
+        raise ValueError(f"specimen must be one of {', '.join(MIN_CELLS)}, got {specimen!r}")
     codes, conf = _validated_codes(top_class_codes, confidences, card_classes)
     known = set(card_classes)
     confident = certain(conf, agreement, threshold, min_agreement)
@@ -348,34 +434,9 @@ def differential(
             group, group, group, count, countable, len(missing) < len(members), missing
         )
 
-    warnings = []
-    blasts = groups["blasts"]
-    flags = _blast_flags(blasts)
-    me_ratio, me_flags = _me_ratio(groups)
-    flags += me_flags
-    flags += [
-        f"{g.key} not assessable: the classifier card lacks {', '.join(g.missing)}"
-        for g in groups.values()
-        if not g.assessable and g.key != "blasts"
-    ]
-    flags += [
-        f"{g.key} % is a lower bound: the classifier card lacks {', '.join(g.missing)}"
-        for g in groups.values()
-        if g.assessable and g.missing
-    ]
-    if countable == 0:
-        warnings.append(f"{NO_WHITE_CELLS}: no countable white cell among {total} objects")
-    elif countable < ICSH_MIN_CELLS:
-        warnings.append(
-            f"only {_cells(countable)} countable; ICSH recommends at least {ICSH_MIN_CELLS}"
-        )
+    me_ratio, me_findings = _me_ratio(groups, specimen)
     uncertain = int(total - confident.sum())
-    if uncertain:
-        why = f"confidence under {threshold:g}"
-        if agreement is not None:
-            why += f" or fewer than {min_agreement:.0%} of the snapshots agreeing"
-        warnings.append(f"{_cells(uncertain)} counted as uncertain ({why})")
-    return Differential(
+    result = Differential(
         classes=classes,
         groups=tuple(groups.values()),
         not_counted=not_counted,
@@ -385,9 +446,17 @@ def differential(
         threshold=float(threshold),
         min_agreement=None if agreement is None else float(min_agreement),
         me_ratio=me_ratio,
-        blast_percent=blasts.percent,
-        blast_ci95=blasts.ci95,
+        blast_percent=groups["blasts"].percent,
+        blast_ci95=groups["blasts"].ci95,
         card_classes=tuple(card_classes),
-        flags=tuple(flags),
-        warnings=tuple(warnings),
+        specimen=specimen,
+        findings=(),
+    )
+    return result.with_findings(
+        *_count_findings(countable, total, specimen),
+        *_blast_findings(groups["blasts"]),
+        *range_findings(groups.values(), specimen),
+        *uncertain_findings(uncertain, total, result.uncertain_rule),
+        *me_findings,
+        *_scope_findings(list(groups.values())),
     )

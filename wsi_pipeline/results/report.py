@@ -1,8 +1,11 @@
 """A self-contained HTML report of one slide: no network is needed to view it.
 
-The page holds inline CSS, images as PNG data URIs and the bar chart as inline SVG: the
-differential table (``<table id="differential">``), the chart with 95 % intervals, the counted
-region drawn over a thumbnail, the saliency mosaics, warnings and flags, and provenance.
+The page holds inline CSS, images as data URIs and the bar chart as inline SVG, in the order a
+haematologist reads: the summary (``<section id="summary">``: cells counted, blast % with its
+95 % interval, M:E ratio, adequacy, and the critical and caution findings), the chart with 95 %
+intervals in maturation order, the differential table (``<table id="differential">``), the
+notes (info findings), the counted region drawn over an overview, the saliency mosaics, and
+provenance.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from PIL import Image
 from wsi_pipeline import __version__
 from wsi_pipeline.core.files import atomic_path
 from wsi_pipeline.core.taxonomy import MATURATION_ORDER, cell_class
-from wsi_pipeline.results.counts import Differential, Tally
+from wsi_pipeline.results.counts import Differential, Tally, counted_noun
+from wsi_pipeline.results.plausibility import Finding, worst
 
-__all__ = ["write_report", "png_data_uri"]
+__all__ = ["CSS", "finding_html", "image_data_uri", "write_report"]
 
 #: The ``<meta>`` name under which a report records its result key.
 RESULT_KEY_META = "wsi-pipeline-result"
-_CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+#: The report's style sheet; the cohort page shares it.
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: right; }
@@ -37,8 +42,15 @@ td:first-child, th:first-child, td.text { text-align: left; }
 tr.na td { color: #999; } tr.group td { font-weight: 600; background: #f6f6f6; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em;
   vertical-align: -0.1em; border: 1px solid #0003; }
-.warn { background: #fff4e5; border-left: 4px solid #f0a000; padding: 0.4em 0.8em; }
-.flag { background: #fdecea; border-left: 4px solid #d93025; padding: 0.4em 0.8em; }
+h1 { margin: 0.3em 0; }
+#summary { border: 3px solid #1a4f8b; border-radius: 6px; padding: 0.5em 1em; margin: 0.5em 0; }
+#summary dl { font-size: 1.1em; margin: 0.3em 0; }
+.finding { padding: 0.35em 0.8em; margin: 0.35em 0; }
+.finding b { text-transform: uppercase; font-size: 0.85em; margin-right: 0.6em; }
+.critical { background: #fdecea; border-left: 6px solid #b3261e; }
+.caution { background: #fff4e5; border-left: 4px solid #f0a000; }
+.info { color: #444; }
+.caveat { color: #555; font-size: 0.9em; }
 .empty { font-size: 1.3em; background: #eef3fd; border-left: 4px solid #1a73e8; padding: 0.8em; }
 .mosaic { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
 img, svg.thumb { max-width: 100%; height: auto; }
@@ -47,11 +59,21 @@ dt { font-weight: 600; } dd { margin: 0; word-break: break-all; }
 """
 
 
-def png_data_uri(image: NDArray[np.uint8]) -> str:
-    """An ``(H, W, 3)`` uint8 image as a ``data:image/png;base64,...`` URI."""
+def image_data_uri(image: NDArray[np.uint8], kind: str = "png") -> str:
+    """An ``(H, W, 3)`` uint8 image as a ``data:image/<kind>;base64,...`` URI.
+
+    ``kind`` is ``"png"`` (lossless: mosaics, whose saliency colours carry values) or
+    ``"jpeg"`` (quality 85: the slide overview, a tenth of the size).
+    """
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if kind == "png":
+        picture.save(buffer, format="PNG", optimize=True)
+    elif kind == "jpeg":
+        picture.save(buffer, format="JPEG", quality=85)
+    else:
+        raise ValueError(f"kind must be 'png' or 'jpeg', got {kind!r}")
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _defined(row: Tally) -> tuple[float, tuple[float, float]]:
@@ -148,7 +170,7 @@ def _region_on_thumbnail(
     )
     return (
         f'<svg class="thumb" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" '
-        f'width="{w}" height="{h}"><image href="{png_data_uri(thumbnail)}" width="{w}" '
+        f'width="{w}" height="{h}"><image href="{image_data_uri(thumbnail, "jpeg")}" width="{w}" '
         f'height="{h}"/>{polygons}</svg>'
     )
 
@@ -161,7 +183,7 @@ def _mosaics(mosaics: Mapping[str, Mapping[str, NDArray[np.uint8]]]) -> str:
         parts.append(f"<h3>{escape(method)}</h3>")
         parts += [
             f'<figure class="mosaic"><img alt="{escape(method)} {code}" '
-            f'src="{png_data_uri(image)}"><figcaption>{code} '
+            f'src="{image_data_uri(image)}"><figcaption>{code} '
             f"{escape(cell_class(code).name)}</figcaption></figure>"
             for code, image in images.items()
         ]
@@ -188,17 +210,99 @@ def _definition_list(items: Mapping[str, Any]) -> str:
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in pairs) + "</dl>"
 
 
-def _notes(result: Differential) -> str:
-    parts = []
-    if result.no_white_cells:
-        parts.append(
-            f'<p class="empty" id="no-white-cells">No white cells found: {result.total_cells} '
-            "objects were detected and none could be counted, so this slide has no differential. "
-            "This is expected for a slide that is not a marrow aspirate or blood smear.</p>"
+def finding_html(finding: Finding) -> str:
+    """A critical or caution finding as a box labelled with its severity; an info finding as a
+    list item."""
+    if finding.severity == "info":
+        return f'<li class="info">{escape(finding.message)}</li>'
+    return (
+        f'<p class="finding {finding.severity}"><b>{finding.severity}</b>'
+        f"{escape(finding.message)}</p>"
+    )
+
+
+def _blast_text(result: Differential) -> str:
+    why = result.blast_not_assessable
+    if why is not None:
+        return f"not assessable: {why}"
+    if result.blast_percent is None or result.blast_ci95 is None:
+        raise ValueError("an assessable blast percentage without its 95 % interval")
+    low, high = result.blast_ci95
+    return f"{result.blast_percent:.1f} % (95 % CI {low:.1f}-{high:.1f})"
+
+
+def _me_text(result: Differential) -> str:
+    if result.me_ratio is not None:
+        return f"{result.me_ratio:.2f}"
+    if result.specimen != "marrow":
+        return f"not applicable to {result.specimen}"
+    said = [f.message for f in result.findings if f.topic == "M:E ratio"]
+    return said[0] if said else "not available"
+
+
+def _summary(result: Differential, classifier: Mapping[str, Any]) -> str:
+    """The block a reader sees first: the numbers that decide, and what to beware of."""
+    not_counted = sum(t.count or 0 for t in result.not_counted)
+    share = result.uncertain / result.total_cells if result.total_cells else 0.0
+    cells = (
+        f"{result.countable} countable of {result.total_cells} found "
+        f"({result.uncertain} uncertain, {share:.0%}; {not_counted} not counted: "
+        "artefacts, smudge and other cells)"
+    )
+    adequacy = (
+        f"adequate: {result.countable} of at least {result.min_cells} cells"
+        if result.adequate
+        else f"inadequate: {result.countable} of the {result.min_cells} cells a "
+        f"{result.specimen} differential needs"
+    )
+    rows = {
+        "Specimen": f"{result.specimen} (checked against adult {result.specimen} reference ranges)",
+        "Cells counted": cells,
+        "Blasts": _blast_text(result),
+        "M:E ratio": _me_text(result),
+        "Adequacy": adequacy,
+        "Classifier": str(classifier.get("name", "?")),
+    }
+    verdict = worst(result.findings)
+    heading = {
+        "critical": "Critical: review the slide before using these numbers",
+        "caution": "Read with the cautions below",
+    }.get(verdict or "", "No critical or caution finding")
+    boxes = [finding_html(f) for f in result.findings if f.severity != "info"]
+    notes = sum(f.severity == "info" for f in result.findings)
+    caveat = classifier.get("caveat")
+    return (
+        f'<section id="summary" class="{verdict or "clear"}"><h2>{escape(heading)}</h2>'
+        + "<dl>"
+        + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows.items())
+        + "</dl>"
+        + "".join(boxes)
+        + (
+            f'<p><a href="#notes">{notes} more note{"s" if notes > 1 else ""}</a></p>'
+            if notes
+            else ""
         )
-    parts += [f'<p class="flag">{escape(f)}</p>' for f in result.flags]
-    parts += [f'<p class="warn">{escape(w)}</p>' for w in result.warnings]
-    return "".join(parts)
+        + (f'<p class="caveat">{escape(str(caveat))}</p>' if caveat else "")
+        + "</section>"
+    )
+
+
+def _notes(result: Differential) -> str:
+    infos = [finding_html(f) for f in result.findings if f.severity == "info"]
+    if not infos:
+        return ""
+    return '<section id="notes"><h2>Notes</h2><ul>' + "".join(infos) + "</ul></section>"
+
+
+def _no_white_cells(result: Differential) -> str:
+    if not result.no_white_cells:
+        return ""
+    return (
+        f'<p class="empty" id="no-white-cells">No white cells found: '
+        f"{counted_noun(result.total_cells, 'object')} detected, none could be counted, so this "
+        "slide has no differential. This is expected for a slide that is not a marrow aspirate "
+        "or blood smear.</p>"
+    )
 
 
 def read_result_key(path: str | Path) -> str | None:
@@ -263,22 +367,14 @@ def write_report(
     """
     path = Path(path)
     title = f"Differential count: {Path(str(slide.get('path', 'slide'))).name}"
-    caveat = classifier.get("caveat")
-    me = "not available" if result.me_ratio is None else f"{result.me_ratio:.2f}"
-    summary = {
-        "cells found": result.total_cells,
-        "countable": result.countable,
-        "uncertain": result.uncertain,
-        "M:E ratio": me,
-    }
     sections = [
         f"<h1>{escape(title)}</h1>",
-        f'<p class="warn">{escape(str(caveat))}</p>' if caveat else "",
-        _definition_list(summary),
-        _notes(result),
+        _summary(result, classifier),
+        _no_white_cells(result),
         "<h2>Differential</h2>",
-        _table(result),
         _bar_chart(result),
+        _table(result),
+        _notes(result),
     ]
     if thumbnail is not None:
         sections += [
@@ -306,7 +402,7 @@ def write_report(
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="{RESULT_KEY_META}" content="{escape(result_key)}">'
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(s for s in sections if s)
         + "</body></html>\n"
     )

@@ -26,6 +26,7 @@ from wsi_pipeline import __version__
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.schema import CELL_FIELDS, check_columns, field_names
 from wsi_pipeline.results.counts import Differential
+from wsi_pipeline.results.ngff import write_multiscale
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
@@ -66,7 +67,7 @@ def store_path(out_dir: str | Path, slide_stem: str) -> Path:
 def software_versions() -> dict[str, str]:
     """Versions of wsi-pipeline, Python and the libraries that shape the results."""
     versions = {"wsi_pipeline": __version__, "python": platform.python_version()}
-    for package in ("numpy", "torch", "timm", "zarr", "grad-cam", "openslide-python"):
+    for package in ("numpy", "torch", "timm", "zarr", "openslide-python"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -274,6 +275,11 @@ class ResultWriter:
             f"mosaics/{class_code}", data=np.asarray(image, dtype=np.uint8), overwrite=True
         )
 
+    def write_image(self, name: str, image: NDArray[np.uint8], pixel_um: float) -> None:
+        """Store an RGB image as the OME-Zarr (NGFF 0.5) multiscale group ``images/<name>``,
+        for napari and other NGFF viewers (:mod:`wsi_pipeline.results.ngff`)."""
+        write_multiscale(self._root, f"images/{name}", image, pixel_um)
+
     def write_counts(self, result: Differential) -> None:
         """Store the differential: group ``counts`` and the root attribute ``counts``.
 
@@ -393,7 +399,7 @@ def read_summary(store: str | Path) -> dict[str, Any]:
     dict
         ``store``, ``status``, ``slide``, ``classifier`` (name, classes, weights, caveat),
         ``n_cells``, ``parameters``, ``software``, ``timings`` and ``counts`` (the differential:
-        classes, groups, not counted, uncertain, M:E ratio, blast %, flags, warnings).
+        classes, groups, not counted, uncertain, M:E ratio, blast %, graded findings).
 
     Raises
     ------
@@ -447,6 +453,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         lines.append(f"result      {counts['status']}")
     me = counts["me_ratio"]
     lines.append(f"M:E ratio   {'not available' if me is None else f'{me:.2f}'}")
+    blasts = counts["blast_percent"]
+    if blasts is not None:
+        low, high = counts["blast_ci95"]
+        lines.append(f"blasts      {blasts:.1f} % (95 % CI {low:.1f}-{high:.1f})")
     lines.append("")
     lines.append(f"{'group':<16}{'count':>7}  % (95 % CI)")
     for row in counts["groups"]:
@@ -461,8 +471,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{r['key']} {r['count']}" for r in counts["not_counted"] if r["count"] is not None
     )
     lines.append(f"not counted: {not_counted or 'none'}")
-    lines += [f"flag: {f}" for f in counts["flags"]]
-    lines += [f"warning: {w}" for w in counts["warnings"]]
+    lines += [f"{f['severity']}: {f['message']}" for f in counts["findings"]]
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings"].items())
     lines.append(f"timings: {timings or 'not recorded'}")
     return "\n".join(lines)

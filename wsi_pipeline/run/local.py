@@ -90,4 +90,4 @@ def run_slide(
 
         # Closed on any error, so the classifier's workers stop and torch gets its threads back.
         with restoring_opencv_threads(), closing(classified()) as batches:
-            return write_outputs(plan, batches, classifier, options, out_dir)
+            return write_outputs(plan, batches, classifier, options, out_dir, progress)

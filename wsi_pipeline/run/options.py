@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD, DEFAULT_MIN_AGREEMENT
+from wsi_pipeline.results.plausibility import SPECIMENS
 
 SALIENCY_METHODS = ("gradcam", "smoothgrad")
 DEFAULT_CELLS_PER_CLASS = 8  # most confident cells explained per class: one mosaic row
@@ -47,6 +48,9 @@ class RunOptions:
     on_bad_tile : str
         A tile whose pixels cannot be decoded is left out of the count and recorded (``skip``),
         or stops the run (``stop``); see :data:`BAD_TILE_CHOICES`.
+    specimen : str
+        ``marrow`` (an aspirate) or ``blood`` (a smear): chooses the reference ranges the
+        differential is checked against and the least count.
     """
 
     classifier: str = "default"
@@ -61,6 +65,7 @@ class RunOptions:
     tta: int = 0
     zip_geojson: bool = False
     on_bad_tile: str = "skip"
+    specimen: str = "marrow"
 
     def __post_init__(self) -> None:
         if self.region not in REGION_CHOICES:
@@ -69,6 +74,8 @@ class RunOptions:
             raise ValueError(
                 f"on_bad_tile must be one of {BAD_TILE_CHOICES}, got {self.on_bad_tile}"
             )
+        if self.specimen not in SPECIMENS:
+            raise ValueError(f"specimen must be one of {SPECIMENS}, got {self.specimen}")
         unknown = set(self.saliency) - set(SALIENCY_METHODS)
         if unknown:
             raise ValueError(f"unknown saliency methods {sorted(unknown)}")

@@ -9,7 +9,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from wsi_pipeline.model.classify import Classifier
 from wsi_pipeline.results.cells_table import write_cells_parquet
 from wsi_pipeline.results.counts import Differential, differential
 from wsi_pipeline.results.geojson import GeoJSONWriter
+from wsi_pipeline.results.plausibility import Finding
 from wsi_pipeline.results.report import write_report
 from wsi_pipeline.results.store import ResultWriter
 from wsi_pipeline.run.options import RunOptions
@@ -75,22 +76,28 @@ class ExplainedCells:
 
 
 def explain_cells(
-    classifier: Classifier, chosen: ExplainedCells, methods: tuple[str, ...]
+    classifier: Classifier,
+    chosen: ExplainedCells,
+    methods: tuple[str, ...],
+    progress: bool = False,
 ) -> dict[str, NDArray[np.float32]]:
     """Raw saliency maps of the chosen cells for each method (first ensemble member).
 
     Saliency runs on a private copy of the network: Grad-CAM hooks its target layer, and the
     shared model of a worker classifies and explains other slides on other threads meanwhile.
+    ``progress`` shows one bar per method on stderr.
     """
     if chosen.crops is None or not len(chosen.index) or not methods:
         return {}
     model, card = copy.deepcopy(classifier.models[0]), classifier.card
-    norm = {"mean": card.model.mean, "std": card.model.std}
+    # Only input gradients are wanted: frozen weights spare the backward pass their gradients.
+    model.requires_grad_(False)
+    options = {"mean": card.model.mean, "std": card.model.std, "progress": progress}
     compute: dict[str, Callable[..., NDArray[np.float32]]] = {
         "gradcam": explain.gradcam,
         "smoothgrad": explain.smoothgrad,
     }
-    return {m: compute[m](model, chosen.crops, chosen.top, **norm) for m in methods}
+    return {m: compute[m](model, chosen.crops, chosen.top, **options) for m in methods}
 
 
 def result_key(slide_sha256: str, card: ClassifierCard, options: RunOptions) -> str:
@@ -127,6 +134,7 @@ def write_outputs(
     classifier: Classifier,
     options: RunOptions,
     out_dir: Path,
+    progress: bool = False,
 ) -> SlideRun:
     """Stream classified batches into the store and the GeoJSON, explain, count, and write
     every output.
@@ -142,6 +150,8 @@ def write_outputs(
         For saliency (its first ensemble member).
     options : RunOptions
     out_dir : Path
+    progress : bool
+        Show progress bars of saliency on stderr.
 
     Returns
     -------
@@ -199,11 +209,13 @@ def write_outputs(
                 done.result()
 
         with stage("explain"):
-            maps = explain_cells(classifier, chosen, options.saliency)
+            maps = explain_cells(classifier, chosen, options.saliency, progress)
             if maps:
                 writer.append_saliency(chosen.index, maps)
             mosaics = {
-                m: explain.class_mosaics(chosen.crops, maps[m], chosen.top, card.codes)
+                m: explain.class_mosaics(
+                    chosen.crops, maps[m], chosen.top, card.codes, chosen.index, chosen.confidence
+                )
                 for m in maps
                 if chosen.crops is not None  # maps is empty without crops
             }
@@ -219,15 +231,16 @@ def write_outputs(
                 threshold=options.min_confidence,
                 agreement=agreement,
                 min_agreement=options.min_agreement,
+                specimen=options.specimen,
             )
             stain_warnings = attrs["detection"]["warnings"]
             if stain_warnings:
                 # The slide's stain is unlike any the detector was checked on.
                 said = f"stain outside the checked range: {'; '.join(stain_warnings)}"
-                result = replace(result, warnings=(*result.warnings, said))
+                result = result.with_findings(Finding("caution", "quality", "stain", said))
             if unreadable:
-                warnings = (*result.warnings, unreadable_warning(unreadable))
-                result = replace(result, warnings=warnings)
+                said = unreadable_warning(unreadable)
+                result = result.with_findings(Finding("caution", "quality", "tiles", said))
             run = {**attrs["run"], "finished": datetime.now(UTC).isoformat(timespec="seconds")}
             writer.update_attrs(
                 unreadable_tiles={"count": len(unreadable), "tiles": unreadable}, run=run
@@ -241,7 +254,10 @@ def write_outputs(
                 threshold=options.min_confidence,
                 min_agreement=options.min_agreement,
             )
-            _write_mosaics(writer, paths["mosaics"], mosaics)
+            writer.write_image("overview", plan.thumbnail, plan.thumbnail_mpp)
+            _write_mosaics(
+                writer, paths["mosaics"], mosaics, card.model.fov_um / card.model.input_size
+            )
             features.commit()
             write_report(
                 paths["report"],
@@ -264,11 +280,16 @@ def write_outputs(
 
 
 def _write_mosaics(
-    writer: ResultWriter, folder: Path, mosaics: dict[str, dict[str, NDArray[np.uint8]]]
+    writer: ResultWriter,
+    folder: Path,
+    mosaics: dict[str, dict[str, NDArray[np.uint8]]],
+    crop_pixel_um: float,
 ) -> None:
-    """Mosaics into the store (``mosaics/<method>/<class>``) and as PNG files."""
+    """Mosaics into the store (``mosaics/<method>/<class>``, and as NGFF images
+    ``images/mosaics/<method>-<class>``) and as PNG files."""
     folder.mkdir(parents=True, exist_ok=True)
     for method, by_class in mosaics.items():
         for code, image in by_class.items():
             writer.write_mosaic(f"{method}/{code}", image)
+            writer.write_image(f"mosaics/{method}-{code}", image, crop_pixel_um)
             Image.fromarray(image).save(folder / f"{method}-{code}.png")

@@ -43,7 +43,7 @@ __all__ = [
 REGION_MPP = 4.0  # thumbnail resolution for finding the countable smear: red cells ~2 px
 TILE_SIZE = 1024  # tile side in pixels at the classifier's resolution
 STAIN_SAMPLE_TILES = 8  # tiles pooled to learn a slide's stain and nuclear-stain threshold
-REPORT_THUMBNAIL_PX = 1600  # longest side of the overview drawn in the report
+REPORT_THUMBNAIL_PX = 1200  # longest side of the overview drawn in the report
 
 
 @dataclass
@@ -64,6 +64,8 @@ class SlidePlan:
         Overview of the slide for the report, at most :data:`REPORT_THUMBNAIL_PX` a side.
     thumbnail_scale : float
         Thumbnail pixels per level-0 pixel.
+    thumbnail_mpp : float
+        Microns per thumbnail pixel.
     detect_params : DetectParams
         Detection settings with the slide's stain and nuclear-stain threshold.
     timings : dict of str to float
@@ -76,6 +78,7 @@ class SlidePlan:
     region: list[NDArray[np.float64]]
     thumbnail: NDArray[np.uint8]
     thumbnail_scale: float
+    thumbnail_mpp: float
     detect_params: DetectParams
     timings: dict[str, float]
 
@@ -147,7 +150,7 @@ def plan_slide(
             scale = slide.mpp / REGION_MPP
             region = region_rings(tiles, thumbnail.shape[:2], scale)
             detect_params = _slide_params(slide, tiles)
-            overview, shrink = _report_thumbnail(thumbnail)
+            overview, overview_scale = _report_thumbnail(slide, thumbnail)
         with stage("open"):
             if hashing is not None:  # submitted exactly when no checksum was given
                 checksum = hashing.result()
@@ -174,20 +177,34 @@ def plan_slide(
         tiles=tiles,
         region=region,
         thumbnail=overview,
-        thumbnail_scale=scale * shrink,
+        thumbnail_scale=overview_scale,
+        thumbnail_mpp=slide.mpp / overview_scale,
         detect_params=detect_params,
         timings=timings,
     )
 
 
-def _report_thumbnail(thumbnail: NDArray[np.uint8]) -> tuple[NDArray[np.uint8], float]:
-    """The thumbnail shrunk to at most :data:`REPORT_THUMBNAIL_PX` a side, and the factor."""
+def _report_thumbnail(
+    slide: Slide, thumbnail: NDArray[np.uint8]
+) -> tuple[NDArray[np.uint8], float]:
+    """The overview of the report, :data:`REPORT_THUMBNAIL_PX` on its longest side at most, and
+    its pixels per level-0 pixel.
+
+    A whole slide's overview is the region thumbnail (read at :data:`REGION_MPP`) shrunk; a
+    small image, such as one microscope field, would be a few dozen pixels wide at that
+    resolution, so it is read again, finer, up to its full resolution.
+    """
+    level0_px = max(slide.info.dimensions)
+    overview_mpp = max(slide.mpp, level0_px * slide.mpp / REPORT_THUMBNAIL_PX)
+    if overview_mpp < REGION_MPP:
+        return slide.thumbnail(overview_mpp), slide.mpp / overview_mpp
     shrink = min(1.0, REPORT_THUMBNAIL_PX / max(thumbnail.shape[:2]))
+    scale = slide.mpp / REGION_MPP
     if shrink == 1.0:
-        return thumbnail, 1.0
+        return thumbnail, scale
     height, width = (max(1, round(n * shrink)) for n in thumbnail.shape[:2])
     image = Image.fromarray(thumbnail).resize((width, height), Image.Resampling.BOX)
-    return np.asarray(image), shrink
+    return np.asarray(image), scale * shrink
 
 
 def _slide_params(slide: Slide, tiles: list[Tile]) -> DetectParams:
