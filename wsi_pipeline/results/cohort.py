@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from wsi_pipeline.core.files import atomic_path
-from wsi_pipeline.results.plausibility import SEVERITIES
+from wsi_pipeline.results.plausibility import Finding, worst
 from wsi_pipeline.results.report import CSS
 from wsi_pipeline.results.store import read_summary
 
@@ -44,7 +44,7 @@ def cohort_row(path: Path, status: str, store: Path | None = None, reason: str =
         return row
     summary = read_summary(store)
     counts = summary["counts"]
-    findings = counts["findings"]
+    findings = [Finding(**f) for f in counts["findings"]]
     blast_low, blast_high = counts["blast_ci95"] or (None, None)
     row |= {
         "store": str(store),
@@ -59,10 +59,10 @@ def cohort_row(path: Path, status: str, store: Path | None = None, reason: str =
         "blast_ci95_low": blast_low,
         "blast_ci95_high": blast_high,
         "me_ratio": counts["me_ratio"],
-        "worst": max((f["severity"] for f in findings), key=SEVERITIES.index, default=""),
-        "critical": sum(f["severity"] == "critical" for f in findings),
-        "caution": sum(f["severity"] == "caution" for f in findings),
-        "findings": " | ".join(f"{f['severity']}: {f['message']}" for f in findings),
+        "worst": worst(findings) or "",
+        "critical": sum(f.severity == "critical" for f in findings),
+        "caution": sum(f.severity == "caution" for f in findings),
+        "findings": " | ".join(f"{f.severity}: {f.message}" for f in findings),
     }
     for tally in (*counts["groups"], *counts["classes"]):
         row |= _tally_columns(tally)
