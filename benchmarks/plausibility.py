@@ -30,7 +30,7 @@ from bccd_transfer import TYPES, count, load_fields, write_mosaic
 
 from wsi_pipeline.learn.datasets import load_crops, scan_labelled_folder, split_of
 from wsi_pipeline.model.classify import Classifier
-from wsi_pipeline.results.counts import certain
+from wsi_pipeline.results.counts import certain, wilson_interval
 from wsi_pipeline.results.plausibility import uncertain_findings
 from wsi_pipeline.results.store import read_summary
 
@@ -58,7 +58,8 @@ def known_lab(classifier: Classifier, folder: Path, mpp: float, per_class: int) 
     prediction = classifier.predict(crops)
     sure = certain(prediction.probabilities.max(1), prediction.agreement)
     uncertain = int((~sure).sum())
-    said = uncertain_findings(uncertain, len(chosen), "the default rule")
+    low, high = wilson_interval(uncertain, len(chosen))
+    said = uncertain_findings(uncertain, len(chosen), "the default rule", (float(low), float(high)))
     return {
         "cells": len(chosen),
         "uncertain_share": round(uncertain / len(chosen), 4),

@@ -106,7 +106,18 @@ def test_a_quarter_uncertain_is_a_caution():
     confidence = np.where(np.arange(top.size) % 3 == 0, 0.3, 0.9)  # a third uncertain
     result = differential(top, confidence, ALL)
     (uncertain,) = [f for f in result.findings if f.topic == "uncertain cells"]
-    assert uncertain.severity == "caution" and "(33%)" in uncertain.message
+    assert uncertain.severity == "caution" and "(33 %, 95 % CI" in uncertain.message
+
+
+def test_a_few_unsure_cells_do_not_call_the_slide_foreign():
+    # 2 of 3 cells uncertain is 67 %, but its interval reaches down to 21 %: a note.
+    for top, confidence, said in [
+        (["LYT"] * 3, [0.3, 0.3, 0.9], "2 of 3 cells (67 %"),
+        (["LYT"], [0.3], "1 of 1 cell (100 %"),
+    ]:
+        result = differential(np.array(top), np.array(confidence), ALL)
+        (uncertain,) = [f for f in result.findings if f.topic == "uncertain cells"]
+        assert uncertain.severity == "info" and uncertain.message.startswith(said)
 
 
 def test_ranges_cover_every_counted_group_but_blasts():

@@ -21,7 +21,7 @@ import click
 from wsi_pipeline import __version__
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import exclusive_folder
-from wsi_pipeline.results.plausibility import SPECIMENS
+from wsi_pipeline.results.plausibility import SPECIMENS, counted_noun
 from wsi_pipeline.run.cluster import DEFAULT_WORKFLOW
 from wsi_pipeline.run.options import (
     BAD_TILE_CHOICES,
@@ -397,7 +397,7 @@ def _run_on_cluster(
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         for row in run_cohort(slides, out, options, client, card=card):
             rows.append(row)
-            detail = row["reason"] or f"{row.get('cells', 0)} cells"
+            detail = row["reason"] or counted_noun(row.get("cells", 0))
             click.echo(f"[{len(rows)}/{len(slides)}] {row['slide']}: {row['status']} ({detail})")
             write_cohort_table(rows, out)
     csv_path, _, page = write_cohort_table(rows, out)
@@ -408,30 +408,24 @@ def _run_on_cluster(
         raise _BadInput(f"{len(failed)} of {len(rows)} slides failed; reasons in {csv_path}")
 
 
-def _blast_text(result) -> str:
-    """``"3.2 % (95 % CI 1.9-5.1)"``, or why the blast percentage is not assessable."""
-    why = result.blast_not_assessable
-    if why is not None:
-        return f"not assessable: {why}"
-    low, high = result.blast_ci95
-    return f"{result.blast_percent:.1f} % (95 % CI {low:.1f}-{high:.1f})"
-
-
 def _run_summary(path: Path, outcome) -> str:
     """Short closing table: cells counted, the differential by group, where outputs are."""
+    from wsi_pipeline.results.report import blast_text, me_text
+
     result = outcome.differential
-    lines = [f"{path}: {result.total_cells} white cells, {result.countable} countable"]
+    found = counted_noun(result.total_cells, "white cell")
+    lines = [f"{path}: {found}, {result.countable} countable"]
     if result.no_white_cells:
         lines.append("  no white cells found: no differential")
     for row in result.groups:
         if row.count:
             lines.append(f"  {row.key:<16}{row.count:>6}  {row.percent:5.1f} %")
-    lines.append(f"  blasts {_blast_text(result)}")
-    lines.append(f"  M:E {'n/a' if result.me_ratio is None else f'{result.me_ratio:.2f}'}")
+    lines.append(f"  blasts {blast_text(result)}")
+    lines.append(f"  M:E {me_text(result)}")
     lines += [f"  {f.severity}: {f.message}" for f in result.findings if f.severity != "info"]
     notes = sum(f.severity == "info" for f in result.findings)
     if notes:
-        lines.append(f"  {notes} more note{'s' if notes > 1 else ''} in the report")
+        lines.append(f"  {counted_noun(notes, 'more note')} in the report")
     names = ("store", "geojson", "report", "cells_table")
     lines += [f"  {name}: {getattr(outcome, name)}" for name in names]
     return "\n".join(lines)

@@ -41,6 +41,7 @@ from wsi_pipeline.results.plausibility import (
     Finding,
     Severity,
     by_severity,
+    counted_noun,
     range_findings,
     uncertain_findings,
 )
@@ -53,7 +54,6 @@ __all__ = [
     "Tally",
     "Differential",
     "differential",
-    "counted_noun",
     "wilson_interval",
 ]
 
@@ -343,11 +343,6 @@ def _count_findings(countable: int, total: int, specimen: str) -> list[Finding]:
     return []
 
 
-def counted_noun(n: int, noun: str = "cell") -> str:
-    """``"1 cell"``, ``"2 cells"``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def certain(
     confidence: ArrayLike,
     agreement: ArrayLike | None = None,
@@ -436,6 +431,7 @@ def differential(
 
     me_ratio, me_findings = _me_ratio(groups, specimen)
     uncertain = int(total - confident.sum())
+    uncertain_share = _tally("uncertain", "uncertain", "", uncertain, total, True)
     result = Differential(
         classes=classes,
         groups=tuple(groups.values()),
@@ -456,7 +452,9 @@ def differential(
         *_count_findings(countable, total, specimen),
         *_blast_findings(groups["blasts"]),
         *range_findings(groups.values(), specimen),
-        *uncertain_findings(uncertain, total, result.uncertain_rule),
+        *uncertain_findings(
+            uncertain, total, result.uncertain_rule, uncertain_share.ci95 or (0, 0)
+        ),
         *me_findings,
         *_scope_findings(list(groups.values())),
     )

@@ -67,6 +67,7 @@ __all__ = [
     "Finding",
     "ReferenceRange",
     "by_severity",
+    "counted_noun",
     "range_findings",
     "uncertain_findings",
     "worst",
@@ -84,7 +85,8 @@ SPECIMENS = ("marrow", "blood")
 MIN_CELLS = {"marrow": 500, "blood": 200}
 #: Points over the upper limit that count as far above it, at least (see the module docstring).
 FAR_MARGIN = 10.0
-#: Shares of uncertain cells among all cells found that need a caution and a critical finding.
+#: Shares of uncertain cells among all cells found that need a caution and a critical finding
+#: (the lower end of the share's 95 % interval must reach them).
 UNCERTAIN_CAUTION = 0.25
 UNCERTAIN_CRITICAL = 0.5
 
@@ -219,9 +221,14 @@ def range_findings(groups: Iterable[Tally], specimen: str) -> list[Finding]:
     return findings
 
 
-def uncertain_findings(uncertain: int, total: int, rule: str) -> list[Finding]:
-    """A finding on the share of uncertain cells, graded by :data:`UNCERTAIN_CAUTION` and
-    :data:`UNCERTAIN_CRITICAL`; none when no cell is uncertain.
+def uncertain_findings(
+    uncertain: int, total: int, rule: str, ci95: tuple[float, float]
+) -> list[Finding]:
+    """A finding on the share of uncertain cells; none when no cell is uncertain.
+
+    Like a group against its range, the share is graded by the lower end of its 95 % interval
+    against :data:`UNCERTAIN_CAUTION` and :data:`UNCERTAIN_CRITICAL`, so that one unsure cell
+    out of two does not call a slide foreign to the classifier.
 
     Parameters
     ----------
@@ -229,19 +236,29 @@ def uncertain_findings(uncertain: int, total: int, rule: str) -> list[Finding]:
         Uncertain cells and all cells found.
     rule : str
         When a cell counts as uncertain, in words.
+    ci95 : (float, float)
+        95 % interval of the uncertain share, in percent.
     """
     if not uncertain or not total:
         return []
-    share = uncertain / total
-    said = f"{uncertain} of {total} cells ({share:.0%}) are uncertain ({rule})"
-    if share >= UNCERTAIN_CRITICAL:
+    low, high = ci95
+    said = (
+        f"{uncertain} of {counted_noun(total)} ({100 * uncertain / total:.0f} %, 95 % CI "
+        f"{low:.0f}-{high:.0f} %) are uncertain ({rule})"
+    )
+    if low >= 100 * UNCERTAIN_CRITICAL:
         return [
             Finding("critical", "plausibility", "uncertain cells", f"{said}: {_OUTSIDE_KNOWLEDGE}")
         ]
-    if share >= UNCERTAIN_CAUTION:
+    if low >= 100 * UNCERTAIN_CAUTION:
         message = f"{said}: the classifier is unsure of many cells; review them (Review priority)"
         return [Finding("caution", "plausibility", "uncertain cells", message)]
     return [Finding("info", "quality", "uncertain cells", f"{said}; left out of the count")]
+
+
+def counted_noun(n: int, noun: str = "cell") -> str:
+    """``"1 cell"``, ``"2 cells"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def by_severity(findings: Iterable[Finding]) -> list[Finding]:

@@ -25,10 +25,17 @@ from PIL import Image
 from wsi_pipeline import __version__
 from wsi_pipeline.core.files import atomic_path
 from wsi_pipeline.core.taxonomy import MATURATION_ORDER, cell_class
-from wsi_pipeline.results.counts import Differential, Tally, counted_noun
-from wsi_pipeline.results.plausibility import Finding, worst
+from wsi_pipeline.results.counts import Differential, Tally
+from wsi_pipeline.results.plausibility import Finding, counted_noun, worst
 
-__all__ = ["CSS", "finding_html", "jpeg_data_uri", "write_report"]
+__all__ = [
+    "CSS",
+    "blast_text",
+    "finding_html",
+    "jpeg_data_uri",
+    "me_text",
+    "write_report",
+]
 
 #: The ``<meta>`` name under which a report records its result key.
 RESULT_KEY_META = "wsi-pipeline-result"
@@ -215,7 +222,8 @@ def finding_html(finding: Finding) -> str:
     )
 
 
-def _blast_text(result: Differential) -> str:
+def blast_text(result: Differential) -> str:
+    """``"3.2 % (95 % CI 1.9-5.1)"``, or why the blast percentage is not assessable."""
     why = result.blast_not_assessable
     if why is not None:
         return f"not assessable: {why}"
@@ -225,7 +233,8 @@ def _blast_text(result: Differential) -> str:
     return f"{result.blast_percent:.1f} % (95 % CI {low:.1f}-{high:.1f})"
 
 
-def _me_text(result: Differential) -> str:
+def me_text(result: Differential) -> str:
+    """The M:E ratio, or why there is none."""
     if result.me_ratio is not None:
         return f"{result.me_ratio:.2f}"
     if result.specimen != "marrow":
@@ -252,8 +261,8 @@ def _summary(result: Differential, classifier: Mapping[str, Any]) -> str:
     rows = {
         "Specimen": f"{result.specimen} (checked against adult {result.specimen} reference ranges)",
         "Cells counted": cells,
-        "Blasts": _blast_text(result),
-        "M:E ratio": _me_text(result),
+        "Blasts": blast_text(result),
+        "M:E ratio": me_text(result),
         "Adequacy": adequacy,
         "Classifier": str(classifier.get("name", "?")),
     }
