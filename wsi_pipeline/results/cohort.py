@@ -94,7 +94,7 @@ def _page_row(row: Mapping[str, Any], out: Path) -> str:
         f'<tr class="{row["worst"]}"><td><a href="{escape(str(link))}">{name}</a></td>'
         f'<td class="text">{escape(row["status"])}</td><td>{row["countable"]}</td>'
         f"<td>{blasts}</td><td>{_cell(row['me_ratio'], 2)}</td>"
-        f"<td>{'yes' if row['adequate'] else 'no'}</td>"
+        f"<td class='text'>{'yes' if row['adequate'] else 'no'}</td>"
         f'<td class="text">{escape(row["worst"])}</td>'
         f'<td class="text">{escape(worst[0].split(": ", 1)[1]) if worst else ""}</td></tr>'
     )
@@ -103,8 +103,8 @@ def _page_row(row: Mapping[str, Any], out: Path) -> str:
 def _cohort_page(rows: Sequence[Mapping[str, Any]], out: Path) -> str:
     head = (
         "<tr><th>slide</th><th class='text'>status</th><th>countable</th>"
-        "<th>blasts % (95 % CI)</th><th>M:E</th><th>adequate</th><th class='text'>worst</th>"
-        "<th class='text'>its finding</th></tr>"
+        "<th>blasts % (95 % CI)</th><th>M:E</th><th class='text'>adequate</th>"
+        "<th class='text'>worst</th><th class='text'>its finding</th></tr>"
     )
     body = "".join(_page_row(r, out) for r in rows)
     return (

@@ -45,7 +45,7 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 1em auto; max-width: 1100p
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { padding: 2px 10px; border-bottom: 1px solid #eee; text-align: right; }
-td:first-child, th:first-child, td.text { text-align: left; }
+td:first-child, th:first-child, td.text, th.text { text-align: left; }
 tr.na td { color: #999; } tr.group td { font-weight: 600; background: #f6f6f6; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em;
   vertical-align: -0.1em; border: 1px solid #0003; }
