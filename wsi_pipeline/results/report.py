@@ -249,7 +249,7 @@ def _summary(result: Differential, classifier: Mapping[str, Any]) -> str:
     share = result.uncertain / result.total_cells if result.total_cells else 0.0
     cells = (
         f"{result.countable} countable of {result.total_cells} found "
-        f"({result.uncertain} uncertain, {share:.0%}; {not_counted} not counted: "
+        f"({result.uncertain} uncertain, {100 * share:.0f} %; {not_counted} not counted: "
         "artefacts, smudge and other cells)"
     )
     adequacy = (
@@ -280,11 +280,7 @@ def _summary(result: Differential, classifier: Mapping[str, Any]) -> str:
         + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows.items())
         + "</dl>"
         + "".join(boxes)
-        + (
-            f'<p><a href="#notes">{notes} more note{"s" if notes > 1 else ""}</a></p>'
-            if notes
-            else ""
-        )
+        + (f'<p><a href="#notes">{counted_noun(notes, "more note")}</a></p>' if notes else "")
         + (f'<p class="caveat">{escape(str(caveat))}</p>' if caveat else "")
         + "</section>"
     )
