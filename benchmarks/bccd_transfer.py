@@ -127,20 +127,25 @@ def assign_folds(fields: list[Field], k: int, seed: int) -> np.ndarray:
 
 
 def write_mosaic(fields: list[Field], data: Path, path: Path) -> dict[str, tuple[int, ...]]:
-    """Lay the images out on white glass as one tiled TIFF; each image's place (x, y, w, h)."""
-    first = Image.open(data / "JPEGImages" / f"{fields[0].name}.jpg")
-    w, h = first.size
-    columns = math.ceil(math.sqrt(len(fields) * h / w))
-    rows = math.ceil(len(fields) / columns)
+    """Lay the BCCD images out on white glass as one tiled TIFF; each image's place
+    (x, y, w, h), by image name."""
+    return write_image_mosaic([data / "JPEGImages" / f"{f.name}.jpg" for f in fields], path)
+
+
+def write_image_mosaic(images: list[Path], path: Path) -> dict[str, tuple[int, ...]]:
+    """Lay images of one size out on white glass as one tiled TIFF; each image's place
+    (x, y, w, h), by file stem."""
+    w, h = Image.open(images[0]).size
+    columns = math.ceil(math.sqrt(len(images) * h / w))
+    rows = math.ceil(len(images) / columns)
     shape = (rows * (h + GAP_PX) + GAP_PX, columns * (w + GAP_PX) + GAP_PX, 3)
     mosaic = np.full(shape, 255, np.uint8)
     corners = {}
-    for k, field in enumerate(fields):
+    for k, file in enumerate(images):
         y, x = GAP_PX + (k // columns) * (h + GAP_PX), GAP_PX + (k % columns) * (w + GAP_PX)
-        image = np.asarray(Image.open(data / "JPEGImages" / f"{field.name}.jpg").convert("RGB"))
-        image = image[:h, :w]  # BCCD's images are all 640 x 480
+        image = np.asarray(Image.open(file).convert("RGB"))[:h, :w]  # a larger one is cut
         mosaic[y : y + image.shape[0], x : x + image.shape[1]] = image
-        corners[field.name] = (x, y, image.shape[1], image.shape[0])
+        corners[file.stem] = (x, y, image.shape[1], image.shape[0])
     tifffile.imwrite(path, mosaic, tile=(256, 256), photometric="rgb", compression="zlib")
     return corners
 

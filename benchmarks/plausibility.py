@@ -13,6 +13,8 @@ card, without tuning anything to the result:
   and camera) laid out as one slide, as ``bccd_transfer.py`` does, counted by ``wsi run
   --specimen blood``; every finding above ``info``, the uncertain share and the differential's
   largest groups. BCCD's own labels (one type per image) give the expected mix beside it.
+* **another unseen lab**: the 350 Raabin-WBC smear photographs (magenta-toned Giemsa, Iran),
+  counted the same way; they carry no white-cell types, so only the findings are reported.
 
 Prints one JSON document. Usage: ``python benchmarks/plausibility.py [--card default]``
 """
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bccd_transfer import TYPES, count, load_fields, write_mosaic
+from bccd_transfer import TYPES, count, load_fields, write_image_mosaic
 
 from wsi_pipeline.learn.datasets import load_crops, scan_labelled_folder, split_of
 from wsi_pipeline.model.classify import Classifier
@@ -38,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 #: Known labs: folder, specimen, µm per pixel (as the default card's training recorded them).
 KNOWN = {"mll": ("marrow", 0.106), "pbc": ("blood", 0.100)}
+#: Raabin-WBC's pixel size, from its red cells (``../shared/data/README.md``).
+RAABIN_MPP = 0.061
 
 
 def known_lab(classifier: Classifier, folder: Path, mpp: float, per_class: int) -> dict:
@@ -67,21 +71,17 @@ def known_lab(classifier: Classifier, folder: Path, mpp: float, per_class: int) 
     }
 
 
-def unseen_lab(card: str, data: Path, workdir: Path) -> dict:
-    """``wsi run --specimen blood`` on a mosaic of every typed BCCD image."""
-    fields, mpp = load_fields(data)
-    slide = workdir / "bccd.tif"
-    write_mosaic(fields, data, slide)
+def unseen_lab(card: str, images: list[Path], mpp: float, workdir: Path) -> dict:
+    """``wsi run --specimen blood`` on a mosaic of ``images``: the findings above ``info``,
+    the uncertain share and the largest groups."""
+    slide = workdir / "mosaic.tif"
+    write_image_mosaic(images, slide)
     store = count(slide, workdir / "out", card, mpp, "--specimen", "blood")
     counts = read_summary(store)["counts"]
     groups = sorted((g for g in counts["groups"] if g["percent"]), key=lambda g: -g["percent"])
-    expected = np.bincount([f.type for f in fields for _ in f.boxes], minlength=len(TYPES))
     return {
-        "images": len(fields),
-        "estimated_mpp": round(mpp, 4),
-        "labelled_mix_percent": {
-            t: round(100 * n / expected.sum(), 1) for t, n in zip(TYPES, expected, strict=True)
-        },
+        "images": len(images),
+        "mpp": round(mpp, 4),
         "cells": counts["total_cells"],
         "countable": counts["countable"],
         "uncertain_share": round(counts["uncertain"] / max(counts["total_cells"], 1), 4),
@@ -91,6 +91,19 @@ def unseen_lab(card: str, data: Path, workdir: Path) -> dict:
             for f in counts["findings"]
             if f["severity"] != "info"
         ],
+    }
+
+
+def unseen_bccd(card: str, data: Path, workdir: Path) -> dict:
+    """Every typed BCCD image, beside the mix its labels give."""
+    fields, mpp = load_fields(data)
+    images = [data / "JPEGImages" / f"{f.name}.jpg" for f in fields]
+    expected = np.bincount([f.type for f in fields for _ in f.boxes], minlength=len(TYPES))
+    return {
+        **unseen_lab(card, images, mpp, workdir),
+        "labelled_mix_percent": {
+            t: round(100 * n / expected.sum(), 1) for t, n in zip(TYPES, expected, strict=True)
+        },
     }
 
 
@@ -108,7 +121,10 @@ def main() -> None:
             **known_lab(classifier, DATA / name, mpp, args.per_class),
         }
     with tempfile.TemporaryDirectory() as workdir:
-        result["unseen_bccd"] = unseen_lab(args.card, DATA / "bccd", Path(workdir))
+        result["unseen_bccd"] = unseen_bccd(args.card, DATA / "bccd", Path(workdir))
+    with tempfile.TemporaryDirectory() as workdir:
+        images = sorted((DATA / "raabin-train" / "images").glob("*.jpg"))
+        result["unseen_raabin"] = unseen_lab(args.card, images, RAABIN_MPP, Path(workdir))
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
 
