@@ -38,6 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 from wsi_pipeline.core.taxonomy import CLASSES, GROUPS, cell_class
 from wsi_pipeline.results.plausibility import (
     MIN_CELLS,
+    MIN_CELLS_SOURCE,
     Finding,
     Severity,
     by_severity,
@@ -73,6 +74,8 @@ MYELOID_GROUPS = (
 )
 ERYTHROID_GROUPS = ("erythroid",)
 NO_WHITE_CELLS = "no white cells found"
+#: Why a card without a blast class cannot give a blast percentage.
+NO_BLAST_CLASS = "the classifier card has no blast (BLA) class"
 _Z95 = 1.959963984540054
 
 
@@ -204,7 +207,7 @@ class Differential:
     def blast_not_assessable(self) -> str | None:
         """Why the blast percentage is not assessable; None when it is."""
         if "BLA" not in self.card_classes:
-            return "the classifier card has no blast (BLA) class"
+            return NO_BLAST_CLASS
         if self.no_white_cells:
             return NO_WHITE_CELLS
         return None
@@ -266,8 +269,8 @@ def _validated_codes(
 
 def _blast_findings(blasts: Tally) -> list[Finding]:
     if not blasts.assessable:
-        why = "the classifier card has no blast (BLA) class"
-        return [Finding("caution", "scope", "blasts", f"blast percentage not assessable: {why}")]
+        message = f"blast percentage not assessable: {NO_BLAST_CLASS}"
+        return [Finding("caution", "scope", "blasts", message)]
     percent, ci95 = blasts.percent, blasts.ci95
     if percent is None:
         return []  # nothing countable: the no-white-cells finding says so
@@ -334,10 +337,9 @@ def _count_findings(countable: int, total: int, specimen: str) -> list[Finding]:
         return [Finding("critical", "quality", "cell count", message)]
     needed = MIN_CELLS[specimen]
     if countable < needed:
-        source = "ICSH 2008" if specimen == "marrow" else "CLSI H20-A2"
         message = (
             f"only {counted_noun(countable)} countable; a {specimen} differential needs at least "
-            f"{needed} ({source}), so the intervals are wide"
+            f"{needed} ({MIN_CELLS_SOURCE[specimen]}), so the intervals are wide"
         )
         return [Finding("caution", "quality", "cell count", message)]
     return []

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FAR_MARGIN",
     "MIN_CELLS",
+    "MIN_CELLS_SOURCE",
     "REFERENCE_RANGES",
     "SEVERITIES",
     "SPECIMENS",
@@ -81,8 +82,9 @@ SEVERITIES: tuple[Severity, ...] = ("info", "caution", "critical")
 #: (scope).
 Kind = Literal["clinical", "plausibility", "quality", "scope"]
 SPECIMENS = ("marrow", "blood")
-#: Least countable cells per specimen: ICSH 2008 (marrow), CLSI H20-A2 (blood).
+#: Least countable cells per specimen, and the recommendation each comes from.
 MIN_CELLS = {"marrow": 500, "blood": 200}
+MIN_CELLS_SOURCE = {"marrow": "ICSH 2008", "blood": "CLSI H20-A2"}
 #: Points over the upper limit that count as far above it, at least (see the module docstring).
 FAR_MARGIN = 10.0
 #: Shares of uncertain cells among all cells found that need a caution and a critical finding
