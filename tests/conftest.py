@@ -6,7 +6,9 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("WSI_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -48,3 +50,25 @@ code = "LYT"
 [[classes]]
 code = "NGS"
 """
+
+
+def disc_image(rng: np.random.Generator, colour: tuple[int, int, int]) -> np.ndarray:
+    """A noisy 48-px image of a disc of one colour on a pale background."""
+    yy, xx = np.mgrid[:48, :48]
+    centre = 24 + rng.integers(-4, 5, 2)
+    inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < rng.integers(80, 160)
+    image = np.full((48, 48, 3), 235.0) + rng.normal(0, 8, (48, 48, 3))
+    image[inside] = colour
+    return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    """A labelled folder: violet discs are LYT, pink ones NGS, 40 images each."""
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(0)
+    for code, colour in (("LYT", (90, 40, 140)), ("NGS", (200, 120, 160))):
+        (root / code / "nested").mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(disc_image(rng, colour)).save(root / code / "nested" / f"{i}.png")
+    return root

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import disc_image
 from PIL import Image
 
 from wsi_pipeline.core.errors import InputError
@@ -18,28 +19,6 @@ from wsi_pipeline.learn.evaluate import evaluate_folder
 from wsi_pipeline.learn.train import TrainConfig, lr_at, member_logits, train_classifier
 from wsi_pipeline.model.cards import load_card, save_weights, write_card
 from wsi_pipeline.model.classify import Classifier
-
-
-def _disc_image(rng: np.random.Generator, colour: tuple[int, int, int]) -> np.ndarray:
-    """A noisy 48-px image of a disc of one colour on a pale background."""
-    yy, xx = np.mgrid[:48, :48]
-    centre = 24 + rng.integers(-4, 5, 2)
-    inside = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < rng.integers(80, 160)
-    image = np.full((48, 48, 3), 235.0) + rng.normal(0, 8, (48, 48, 3))
-    image[inside] = colour
-    return image.clip(0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A labelled folder: violet discs are LYT, pink ones NGS, 40 images each."""
-    root = tmp_path_factory.mktemp("labelled")
-    rng = np.random.default_rng(0)
-    for code, colour in (("LYT", (90, 40, 140)), ("NGS", (200, 120, 160))):
-        (root / code / "nested").mkdir(parents=True)
-        for i in range(40):
-            Image.fromarray(_disc_image(rng, colour)).save(root / code / "nested" / f"{i}.png")
-    return root
 
 
 @pytest.fixture
@@ -54,9 +33,11 @@ CONFIG = TrainConfig(
 )
 
 
-def test_training_lowers_the_loss_and_writes_a_scored_card(folder, card_path, tmp_path):
+def test_training_lowers_the_loss_and_writes_a_scored_card(labelled_folder, card_path, tmp_path):
     out = tmp_path / "out" / "tiny.toml"
-    result = train_classifier(folder, card_path, out, CONFIG, workdir=tmp_path / "w", log=str)
+    result = train_classifier(
+        labelled_folder, card_path, out, CONFIG, workdir=tmp_path / "w", log=str
+    )
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0]
     card = load_card(tmp_path / "out" / "tiny.toml")
@@ -65,10 +46,14 @@ def test_training_lowers_the_loss_and_writes_a_scored_card(folder, card_path, tm
     assert card.model.mean != (0.5, 0.5, 0.5)  # measured on the training split
 
 
-def test_saved_and_reloaded_model_gives_identical_probabilities(folder, card_path, tmp_path):
+def test_saved_and_reloaded_model_gives_identical_probabilities(
+    labelled_folder, card_path, tmp_path
+):
     config = dataclasses.replace(CONFIG, epochs=1)
     out = tmp_path / "a" / "tiny.toml"
-    result = train_classifier(folder, card_path, out, config, workdir=tmp_path / "w", log=str)
+    result = train_classifier(
+        labelled_folder, card_path, out, config, workdir=tmp_path / "w", log=str
+    )
     crops = np.random.default_rng(1).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
     first = Classifier(result.card, device="cpu")
     again = save_weights(first.models[0], tmp_path / "b" / "tiny.safetensors")
@@ -79,27 +64,31 @@ def test_saved_and_reloaded_model_gives_identical_probabilities(folder, card_pat
     )
 
 
-def test_snapshot_ensemble_and_resume(folder, card_path, tmp_path):
+def test_snapshot_ensemble_and_resume(labelled_folder, card_path, tmp_path):
     config = dataclasses.replace(CONFIG, epochs=2, snapshots=2)
     workdir = tmp_path / "work"
     out = tmp_path / "snap" / "tiny.toml"
-    first = train_classifier(folder, card_path, out, config, workdir=workdir, log=str)
+    first = train_classifier(labelled_folder, card_path, out, config, workdir=workdir, log=str)
     assert [w.path.name for w in first.card.weights] == [
         "tiny.snapshot1.safetensors",
         "tiny.snapshot2.safetensors",
     ]
     lines: list[str] = []
     longer = dataclasses.replace(config, epochs=3)
-    resumed = train_classifier(folder, card_path, out, longer, workdir=workdir, log=lines.append)
+    resumed = train_classifier(
+        labelled_folder, card_path, out, longer, workdir=workdir, log=lines.append
+    )
     assert any(line.startswith("resumed from") for line in lines)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
 
 
-def test_missing_class_is_a_clear_error(folder, tmp_path, tiny_card_toml):
+def test_missing_class_is_a_clear_error(labelled_folder, tmp_path, tiny_card_toml):
     card = tmp_path / "three.toml"
     card.write_text(tiny_card_toml + '[[classes]]\ncode = "BLA"\n')
     with pytest.raises(InputError, match="no images of BLA"):
-        train_classifier(folder, card, tmp_path / "x.toml", CONFIG, workdir=tmp_path, log=str)
+        train_classifier(
+            labelled_folder, card, tmp_path / "x.toml", CONFIG, workdir=tmp_path, log=str
+        )
 
 
 def test_cosine_schedule_with_warmup_and_restarts():
@@ -125,7 +114,7 @@ def two_sources(tmp_path_factory):
         for code, colour in (("LYT", (90, 40, 140)), ("NGS", (200, 120, 160))):
             (root / name / code).mkdir(parents=True)
             for i in range(20):
-                image = Image.fromarray(_disc_image(rng, colour)).resize((48 * zoom, 48 * zoom))
+                image = Image.fromarray(disc_image(rng, colour)).resize((48 * zoom, 48 * zoom))
                 image.save(root / name / code / f"{name}-{i}.png")
     return root / "lab-a", root / "lab-b"
 
@@ -142,18 +131,28 @@ def test_several_folders_each_at_its_own_pixel_size(two_sources, card_path, tmp_
     assert tested == result.test_scores["n"]
 
 
-def test_fine_tuning_starts_from_the_parent_card(folder, card_path, tmp_path):
+def test_fine_tuning_starts_from_the_parent_card(labelled_folder, card_path, tmp_path):
     parent = train_classifier(
-        folder, card_path, tmp_path / "p" / "tiny.toml", CONFIG, workdir=tmp_path / "wp", log=str
+        labelled_folder,
+        card_path,
+        tmp_path / "p" / "tiny.toml",
+        CONFIG,
+        workdir=tmp_path / "wp",
+        log=str,
     )
     # One step at a negligible rate: the child is its parent (batch-norm statistics aside),
     # while a card trained from scratch on the same budget is no better than chance.
     config = dataclasses.replace(CONFIG, epochs=1, max_steps=1, lr=1e-9, init=str(parent.card.path))
     child = train_classifier(
-        folder, card_path, tmp_path / "c" / "tiny.toml", config, workdir=tmp_path / "wc", log=str
+        labelled_folder,
+        card_path,
+        tmp_path / "c" / "tiny.toml",
+        config,
+        workdir=tmp_path / "wc",
+        log=str,
     )
     scratch = train_classifier(
-        folder,
+        labelled_folder,
         card_path,
         tmp_path / "s" / "tiny.toml",
         dataclasses.replace(config, init=None),
@@ -171,10 +170,12 @@ def test_fine_tuning_starts_from_the_parent_card(folder, card_path, tmp_path):
     assert accuracy["child"] > accuracy["scratch"] + 0.1, accuracy
 
 
-def test_the_trained_card_is_calibrated_on_the_validation_split(folder, card_path, tmp_path):
+def test_the_trained_card_is_calibrated_on_the_validation_split(
+    labelled_folder, card_path, tmp_path
+):
     config = dataclasses.replace(CONFIG, epochs=2)
     result = train_classifier(
-        folder, card_path, tmp_path / "t.toml", config, workdir=tmp_path / "w", log=str
+        labelled_folder, card_path, tmp_path / "t.toml", config, workdir=tmp_path / "w", log=str
     )
     card = load_card(result.card.path)
     calibration = card.provenance["calibration"]
@@ -200,19 +201,24 @@ def test_an_image_smaller_than_the_field_of_view_is_padded_not_stretched(tmp_pat
 
 
 def test_evaluate_reports_calibration_uncertainty_and_where_unknown_classes_go(
-    folder, card_path, tmp_path
+    labelled_folder, card_path, tmp_path
 ):
     trained = train_classifier(
-        folder, card_path, tmp_path / "e" / "tiny.toml", CONFIG, workdir=tmp_path / "w", log=str
+        labelled_folder,
+        card_path,
+        tmp_path / "e" / "tiny.toml",
+        CONFIG,
+        workdir=tmp_path / "w",
+        log=str,
     )
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for code in ("LYT", "NGS"):
-        (mixed / code).symlink_to(folder / code)
+        (mixed / code).symlink_to(labelled_folder / code)
     (mixed / "BLA").mkdir(parents=True)  # a class the card lacks
     rng = np.random.default_rng(5)
     for i in range(6):
-        Image.fromarray(_disc_image(rng, (60, 60, 200))).save(mixed / "BLA" / f"{i}.png")
+        Image.fromarray(disc_image(rng, (60, 60, 200))).save(mixed / "BLA" / f"{i}.png")
     result = evaluate_folder(mixed, [str(trained.card.path)], out_dir=tmp_path / "out")
     report = result["reports"]["tiny"]
     assert report["n"] == 80 and report["n_unrecognised"] == 6
@@ -225,19 +231,24 @@ def test_evaluate_reports_calibration_uncertainty_and_where_unknown_classes_go(
 
 
 def test_distillation_keeps_the_parent_s_answers_where_the_new_labels_are_silent(
-    folder, card_path, tmp_path
+    labelled_folder, card_path, tmp_path
 ):
     """A lab's corrections never show every class. With the parent's answers in the loss
     (``distill``), what the parent knew survives where the new labels say nothing about it;
     here every image is labelled LYT, and the child trained with distillation still calls
     more of the pink discs NGS than the one trained without."""
     parent = train_classifier(
-        folder, card_path, tmp_path / "p" / "tiny.toml", CONFIG, workdir=tmp_path / "wp", log=str
+        labelled_folder,
+        card_path,
+        tmp_path / "p" / "tiny.toml",
+        CONFIG,
+        workdir=tmp_path / "wp",
+        log=str,
     )
     all_lymphocytes = tmp_path / "all-lyt"
-    shutil.copytree(folder / "LYT", all_lymphocytes / "LYT" / "violet")
-    shutil.copytree(folder / "NGS", all_lymphocytes / "LYT" / "pink")
-    pink = load_crops(sorted((folder / "NGS").rglob("*.png")), 32, 32.0, None)
+    shutil.copytree(labelled_folder / "LYT", all_lymphocytes / "LYT" / "violet")
+    shutil.copytree(labelled_folder / "NGS", all_lymphocytes / "LYT" / "pink")
+    pink = load_crops(sorted((labelled_folder / "NGS").rglob("*.png")), 32, 32.0, None)
     recall = {}
     for distill in (0.0, 1.0):
         config = dataclasses.replace(

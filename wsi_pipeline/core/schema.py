@@ -196,13 +196,25 @@ CELL_FIELDS: tuple[CellField, ...] = (
         decimals=3,
     ),
     CellField(
+        "novelty",
+        "float32",
+        (),
+        "",
+        "classify",
+        "Distance of the cell's features from the nearest class the card was trained on, over "
+        "the card's threshold (Mahalanobis; above 1: unlike every known class, so uncertain). "
+        "NaN when the card has no novelty model.",
+        measurement="Novelty",
+        decimals=3,
+    ),
+    CellField(
         "review_priority",
         "float32",
         (),
         "",
         "classify",
-        "1 - confidence x agreement: the cells an expert's look teaches the most score highest "
-        "(least confident, members disagreeing).",
+        "1 - confidence x agreement x min(1, 1 / novelty): the cells an expert's look teaches "
+        "the most score highest (least confident, members disagreeing, unlike known classes).",
         measurement="Review priority",
         decimals=3,
     ),
@@ -217,6 +229,7 @@ MEASURED_FIELDS: tuple[CellField, ...] = tuple(
         "id",
         "confidence",
         "agreement",
+        "novelty",
         "review_priority",
         "cell_area_um2",
         "nucleus_area_um2",

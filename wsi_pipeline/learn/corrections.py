@@ -27,6 +27,7 @@ keeps. The folder appears whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -209,7 +210,9 @@ def find_corrections(
         twice, or no store cell at all among the features.
     """
     rows = {cell_uuid(slide_sha256, int(i)): k for k, i in enumerate(cells["id"])}
-    sure = certain(cells["confidence"], cells["agreement"], threshold, min_agreement)
+    sure = certain(
+        cells["confidence"], cells["agreement"], threshold, min_agreement, cells.get("novelty")
+    )
     shown = np.where(sure, np.asarray(class_codes)[cells["top_class"]], UNCERTAIN_CLASS)
     seen: dict[int, str | None] = {}
     added: list[Correction] = []
@@ -367,6 +370,8 @@ def collect_corrections(
     features = read_features(edited)
     names = ("id", "x", "y", "top_class", "confidence", "agreement")
     attrs, cells = read_cells(store, *names)
+    with contextlib.suppress(InputError):  # stores written before the novelty model lack it
+        cells.update(read_cells(store, "novelty")[1])
     recorded = attrs["slide"]
     slide_path = Path(slide) if slide is not None else Path(recorded["path"])
     card = resolve_card(card if card is not None else _run_card(attrs))

@@ -23,6 +23,7 @@ from wsi_pipeline.core.files import atomic_path
 from wsi_pipeline.core.taxonomy import TOLERATED_CONFUSIONS
 from wsi_pipeline.learn.calibrate import expected_calibration_error
 from wsi_pipeline.learn.datasets import load_crops, scan_labelled_folder, split_of
+from wsi_pipeline.model.adapt import MIN_CELLS, colour_moments
 from wsi_pipeline.model.cards import ClassifierCard, load_card
 from wsi_pipeline.results.counts import certain
 
@@ -207,8 +208,13 @@ def evaluate_folder(
     device: str = "auto",
     batch_size: int | None = None,
     tta: int = 0,
+    adapt: bool = True,
 ) -> dict[str, Any]:
     """Score one or more classifier cards on a labelled folder (``wsi evaluate``).
+
+    The folder is one slide: with ``adapt`` (and a card that records its training colours),
+    the classifier adapts to the colour moments of all the scored images, as ``wsi run`` adapts
+    to a slide's cells, so the scores are those a run would give.
 
     Parameters
     ----------
@@ -229,6 +235,8 @@ def evaluate_folder(
         it counts as uncertain) are written.
     device, batch_size, tta
         As for :class:`wsi_pipeline.model.classify.Classifier`.
+    adapt : bool
+        Adapt each card to the folder (see :mod:`wsi_pipeline.model.adapt`).
 
     Returns
     -------
@@ -262,9 +270,12 @@ def evaluate_folder(
         if not known.any():
             raise InputError(folder, f"no images of the classes of card {card.name!r}")
         crops = load_crops([i.path for i in chosen], card.model.input_size, card.model.fov_um, mpp)
-        prediction = classifier.predict(crops, tta)
+        colours = colour_moments(crops) if adapt and len(crops) >= MIN_CELLS else None
+        prediction = classifier.predict(crops, tta, colours)
         predicted = prediction.probabilities.argmax(1)
-        sure = certain(prediction.probabilities.max(1), prediction.agreement)
+        sure = certain(
+            prediction.probabilities.max(1), prediction.agreement, novelty=prediction.novelty
+        )
         truth = np.array(
             [card.codes.index(i.label) if k else -1 for i, k in zip(chosen, known, strict=True)]
         )
@@ -273,6 +284,9 @@ def evaluate_folder(
             expected_calibration_error(prediction.probabilities[known], truth[known]), 4
         )
         report["uncertain_share"] = round(float(1 - sure[known].mean()), 4)
+        report["adapted"] = colours is not None and classifier.reference_colours is not None
+        novel = prediction.novelty > 1
+        report["novel_share"] = round(float(novel[known].mean()), 4)
         right = predicted[known] == truth[known]
         report["certain_accuracy"] = (
             round(float(right[sure[known]].mean()), 4) if sure[known].any() else None

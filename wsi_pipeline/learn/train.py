@@ -24,10 +24,13 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from wsi_pipeline.learn.calibrate import (
 )
 from wsi_pipeline.learn.corrections import MANIFEST
 from wsi_pipeline.learn.datasets import load_crops_cached, scan_labelled_folder, split_of
+from wsi_pipeline.learn.familiarity import add_familiarity
 from wsi_pipeline.model.cards import (
     ClassifierCard,
     WeightsFile,
@@ -56,6 +60,8 @@ from wsi_pipeline.model.cards import (
     write_card,
 )
 from wsi_pipeline.model.classify import Classifier, resolve_device, to_unit_tensor
+from wsi_pipeline.model.pretrained import PRETRAINED, init_from_pretrained
+from wsi_pipeline.model.pretrained import provenance as pretrained_provenance
 
 __all__ = [
     "LabelledCrops",
@@ -96,6 +102,10 @@ class TrainConfig:
     init : str or None
         A trained card (name or path) whose first weights file the network starts from
         (fine-tuning); layers whose shape differs (another class list) start fresh.
+    pretrained : str or None
+        Start from scratch, but with every layer that fits taken from these ImageNet weights
+        (a source of :data:`~wsi_pipeline.model.pretrained.PRETRAINED`); the input is then
+        normalised as those weights were trained.
     augment : {"other-labs", "one-lab"} or None
         The augmentation (:data:`~wsi_pipeline.learn.augment.AUGMENTATIONS`); None chooses
         ``other-labs`` from scratch and ``one-lab`` when fine-tuning (``init``).
@@ -133,6 +143,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     image_mpp: float | tuple[float, ...] | None = None
     init: str | None = None
+    pretrained: str | None = None
     augment: str | None = None
     sampling: str | None = None
     distill: float = 1.0
@@ -354,8 +365,14 @@ def train_classifier(
         if len(present) < len(template.codes):
             missing = ", ".join(sorted(set(template.codes) - present))
             raise InputError(folders[0], f"training split has no images of {missing}")
-        mean, std = _channel_stats(train.crops)
+        if config.pretrained:
+            source = PRETRAINED[config.pretrained]
+            mean, std = list(source.mean), list(source.std)
+        else:
+            mean, std = _channel_stats(train.crops)
     else:
+        if config.pretrained:
+            raise InputError(parent_card.path, "--pretrained starts a card; --init fine-tunes one")
         if config.snapshots > 1:
             raise InputError(
                 parent_card.path, "fine-tuning trains one member per member of the parent card; "
@@ -369,8 +386,14 @@ def train_classifier(
         f"{len(splits['test'].labels)} test images on {device}"
     )
 
+    starting_weights = None
     if parent_card is None:
-        model = _on_device(build_model(template), device)
+        model = build_model(template)
+        if config.pretrained:
+            loaded = init_from_pretrained(model, config.pretrained)
+            starting_weights = {**pretrained_provenance(config.pretrained), "tensors": len(loaded)}
+            log(f"{len(loaded)} tensors from {starting_weights['package']} (ImageNet)")
+        model = _on_device(model, device)
         snapshots, history = fit(model, template, train, splits["val"], config, workdir, log)
         parent = None
     else:
@@ -380,6 +403,7 @@ def train_classifier(
     sources = {
         "sources": [str(f.resolve()) for f in folders],
         "parent": parent,
+        "pretrained": starting_weights,
         "corrections": _corrections_manifests(folders),
     }
     return _export(template, snapshots, model, splits, out, config, history, device, sources)
@@ -608,6 +632,16 @@ def _export(
         weights.append(save_weights(model, out.parent / name))
     trained = dataclasses.replace(card, name=out.stem, path=out, weights=tuple(weights))
     trained, calibration = calibrate_card(trained, splits["val"], str(device))
+    familiarity: dict[str, Any] = {}
+    if len(splits["val"].labels):
+        trained, familiarity = add_familiarity(
+            trained,
+            (splits["train"].crops, splits["train"].labels),
+            (splits["val"].crops, splits["val"].labels),
+            AUGMENTATIONS[augmentation_name(config)],
+            config.seed,
+            str(device),
+        )
 
     test = splits["test"]
     scores: dict[str, Any] = {}
@@ -623,6 +657,11 @@ def _export(
             **{k: v for k, v in dataclasses.asdict(config).items() if v is not None},
             "folders": data["sources"],
             **({"parent": data["parent"]} if data["parent"] else {}),
+            **(
+                {}
+                if data["parent"]
+                else {"starting_weights": data["pretrained"] or "random (from scratch)"}
+            ),
             **({"corrections": data["corrections"]} if data["corrections"] else {}),
             "sampling": sampling_name(config),
             "augmentation": {
@@ -632,8 +671,12 @@ def _export(
             "n_train_steps": history[-1]["step"] if history else 0,
             "final_val_accuracy": history[-1]["val_accuracy"] if history else float("nan"),
             "train_seconds": round(sum(h["seconds"] for h in history), 1),
+            # How this card was made, as the process was started (wsi train or Python).
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         },
         "calibration": calibration,
+        **({"novelty": familiarity} if familiarity else {}),
         "test_scores": _card_scores(scores),
         **({"test_confusion_by_source": by_source} if len(data["sources"]) > 1 else {}),
     }

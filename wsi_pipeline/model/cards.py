@@ -45,6 +45,8 @@ from timm.models import maxxvit
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import atomic_path, data_path, file_sha256
 from wsi_pipeline.core.taxonomy import CellClass, cell_class, codes
+from wsi_pipeline.model import hybrid
+from wsi_pipeline.model.novelty import NoveltyModel
 
 __all__ = [
     "CardError",
@@ -58,6 +60,7 @@ __all__ = [
     "list_cards",
     "load_card",
     "resolve_card",
+    "load_novelty",
     "load_state_dicts",
     "save_weights",
     "write_card",
@@ -136,6 +139,12 @@ class ClassifierCard:
     description : str
     provenance : dict
         Data, licence and attribution, split, training command, pixel-size estimate, scores.
+    adaptation : dict
+        The colour moments of the training crops, to which each slide's are matched
+        (:mod:`wsi_pipeline.model.adapt`); empty: the card cannot adapt to a slide.
+    novelty : dict
+        The novelty model (:mod:`wsi_pipeline.model.novelty`): ``file``, ``sha256``,
+        ``members``, ``threshold``, ``quantile``; empty: the card has none.
     """
 
     name: str
@@ -147,6 +156,8 @@ class ClassifierCard:
     caveat: str = "Research model, not for diagnosis."
     description: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    adaptation: dict[str, Any] = field(default_factory=dict)
+    novelty: dict[str, Any] = field(default_factory=dict)
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -180,6 +191,8 @@ class ClassifierCard:
                 "files": [w.path.name for w in self.weights],
                 "sha256": [w.sha256 for w in self.weights],
             },
+            **({"adaptation": self.adaptation} if self.adaptation else {}),
+            **({"novelty": self.novelty} if self.novelty else {}),
             "classes": [dataclasses.asdict(c) for c in self.classes],
             "provenance": self.provenance,
         }
@@ -265,6 +278,8 @@ def _card_from_dict(raw: Mapping[str, Any], path: Path) -> ClassifierCard:
         caveat=str(raw.get("caveat", ClassifierCard.caveat)),
         description=str(raw.get("description", "")),
         provenance=dict(raw.get("provenance", {})),
+        adaptation=dict(raw.get("adaptation", {})),
+        novelty=dict(raw.get("novelty", {})),
     )
 
 
@@ -282,14 +297,18 @@ def build_model(card: ClassifierCard) -> torch.nn.Module:
     CoAtNet (timm MaxxVit family) models are built with ``img_size`` fixed to the card's input
     size; a ``cfg`` table in the card overrides fields of the named variant's ``MaxxVitCfg``
     (``embed_dim``, ``depths``, ``stem_width``...) to build compact models timm does not register.
+    The hybrids of :mod:`wsi_pipeline.model.hybrid` take their ``cfg`` table whole.
     """
     spec = card.model
     kwargs = {"num_classes": len(card.classes), **spec.kwargs}
-    if timm.get_pretrained_cfg_value(spec.architecture, "fixed_input_size"):
+    own = spec.architecture in hybrid.ARCHITECTURES
+    if own or timm.get_pretrained_cfg_value(spec.architecture, "fixed_input_size"):
         kwargs.setdefault("img_size", spec.input_size)
     model: torch.nn.Module
     try:
-        if spec.cfg:
+        if own:
+            model = timm.create_model(spec.architecture, cfg=spec.cfg, **kwargs)
+        elif spec.cfg:
             model = maxxvit.MaxxVit(_maxxvit_cfg(spec), **kwargs)
         else:
             model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
@@ -322,17 +341,7 @@ def load_state_dicts(card: ClassifierCard) -> list[dict[str, torch.Tensor]]:
     shapes = {name: tuple(t.shape) for name, t in build_model(card).state_dict().items()}
     states = []
     for weights in card.weights:
-        if not weights.path.is_file():
-            raise CardError(weights.path, f"weights file of card {card.name!r} not found")
-        actual = file_sha256(weights.path)
-        if actual != weights.sha256:
-            # Enough characters of both hashes to see where they differ.
-            shown = max(12, len(os.path.commonprefix([actual, weights.sha256])) + 4)
-            raise CardError(
-                weights.path,
-                f"SHA-256 mismatch: card {card.name!r} expects {weights.sha256[:shown]}..., "
-                f"file has {actual[:shown]}...; the file is corrupt or not these weights",
-            )
+        _check_file(card, weights)
         try:
             state = load_file(weights.path)
         except SafetensorError as error:
@@ -340,6 +349,36 @@ def load_state_dicts(card: ClassifierCard) -> list[dict[str, torch.Tensor]]:
         _check_fits(card, weights.path, state, shapes)
         states.append({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return states
+
+
+def _check_file(card: ClassifierCard, weights: WeightsFile) -> None:
+    """Refuse a missing file of the card or one whose SHA-256 is not the card's."""
+    if not weights.path.is_file():
+        raise CardError(weights.path, f"weights file of card {card.name!r} not found")
+    actual = file_sha256(weights.path)
+    if actual != weights.sha256:
+        # Enough characters of both hashes to see where they differ.
+        shown = max(12, len(os.path.commonprefix([actual, weights.sha256])) + 4)
+        raise CardError(
+            weights.path,
+            f"SHA-256 mismatch: card {card.name!r} expects {weights.sha256[:shown]}..., "
+            f"file has {actual[:shown]}...; the file is corrupt or not these weights",
+        )
+
+
+def load_novelty(card: ClassifierCard) -> NoveltyModel | None:
+    """The card's novelty model (its file checked against its SHA-256), or None without one."""
+    if not card.novelty:
+        return None
+    weights = WeightsFile(card.path.parent / card.novelty["file"], card.novelty["sha256"])
+    _check_file(card, weights)
+    try:
+        model = NoveltyModel.load(weights.path, card.novelty)
+    except (SafetensorError, KeyError) as error:
+        raise CardError(weights.path, f"not a readable novelty model ({error})") from error
+    if len(model.members) != len(card.weights):
+        raise CardError(weights.path, "the novelty model has another number of members")
+    return model
 
 
 def _check_fits(

@@ -29,7 +29,15 @@ from numpy.typing import NDArray
 
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.prefetch import prefetch
-from wsi_pipeline.model.cards import ClassifierCard, build_model, load_state_dicts, resolve_card
+from wsi_pipeline.model.adapt import ColourMoments, adapted_normalisation
+from wsi_pipeline.model.cards import (
+    ClassifierCard,
+    build_model,
+    load_novelty,
+    load_state_dicts,
+    resolve_card,
+)
+from wsi_pipeline.model.novelty import features_and_logits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -107,10 +115,15 @@ class Prediction:
     agreement : ndarray of float32, shape (N,)
         Share of the members whose own top class is the ensemble's top class (1 for a single
         model).
+    novelty : ndarray of float32, shape (N,)
+        Distance of each cell's features from the nearest training class over the card's
+        threshold (:mod:`wsi_pipeline.model.novelty`): above 1, unlike every class the card
+        knows. NaN when the card has no novelty model.
     """
 
     probabilities: NDArray[np.float32]
     agreement: NDArray[np.float32]
+    novelty: NDArray[np.float32]
 
 
 class Classifier:
@@ -139,6 +152,9 @@ class Classifier:
         self.batch_size = batch_size or default_batch_size(self.device, self.card.model.input_size)
         if models is None:
             models = [self._build(state) for state in load_state_dicts(self.card)]
+            self.novelty = load_novelty(self.card)
+        else:  # networks other than the card's own: its novelty model does not describe them
+            self.novelty = None
         # torch accepts memory_format= in Module.to; its stubs list no overload with it.
         self.models = [
             m.to(self.device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
@@ -157,32 +173,77 @@ class Classifier:
         """Class codes in the order of the probability columns."""
         return self.card.codes
 
-    def preprocess(self, crops: NDArray[np.uint8]) -> torch.Tensor:
-        """uint8 (N, H, W, 3) to normalised float (N, 3, H, W), channels-last, on the device."""
+    @property
+    def reference_colours(self) -> ColourMoments | None:
+        """The training crops' colour moments, to which a slide's are matched; None when the
+        card cannot adapt to a slide."""
+        table = self.card.adaptation.get("reference")
+        return ColourMoments.from_dict(table) if table else None
+
+    def preprocess(
+        self, crops: NDArray[np.uint8], slide_colours: ColourMoments | None = None
+    ) -> torch.Tensor:
+        """uint8 (N, H, W, 3) to normalised float (N, 3, H, W), channels-last, on the device.
+
+        With ``slide_colours`` (the moments of the slide's crops) and a card that records its
+        own, the slide's colours are matched to the training crops' (see
+        :mod:`wsi_pipeline.model.adapt`).
+        """
         size = self.card.model.input_size
         if crops.ndim != 4 or crops.shape[1:] != (size, size, 3) or crops.dtype != np.uint8:
             raise ValueError(
                 f"crops must be uint8 (N, {size}, {size}, 3) for card {self.card.name!r}, "
                 f"got {crops.dtype} {crops.shape}"
             )
-        return (to_unit_tensor(crops, self.device) - self._mean) / self._std
+        return self.normalise(to_unit_tensor(crops, self.device), slide_colours)
+
+    def normalise(
+        self, x: torch.Tensor, slide_colours: ColourMoments | None = None
+    ) -> torch.Tensor:
+        """RGB in [0, 1], (N, 3, H, W), normalised as the card's network expects; matched to
+        the training crops' colours when ``slide_colours`` is given (and the card records
+        them)."""
+        mean, std = self._mean, self._std
+        reference = self.reference_colours
+        if slide_colours is not None and reference is not None:
+            adapted = adapted_normalisation(
+                self.card.model.mean, self.card.model.std, reference, slide_colours
+            )
+            mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in adapted)
+        return (x - mean) / std
 
     @torch.inference_mode()
-    def forward_members(self, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
-        """Each ensemble member's calibrated softmax of a batch, averaged over ``tta`` dihedral
-        transforms: shape (members, N, classes)."""
+    def forward_members(
+        self, x: torch.Tensor, tta: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each ensemble member's calibrated softmax of a batch, shape (members, N, classes),
+        and the cells' novelty, shape (N,) (None without a novelty model), both averaged over
+        ``tta`` dihedral transforms."""
         views = [x] if tta <= 1 else [_dihedral(x, k, m) for k, m in TTA_TRANSFORMS[:tta]]
         temperature = self.card.model.temperature
+        novelty = self.novelty
+        members, distances = [], []
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            members = [
-                sum((model(view).float() / temperature).softmax(1) for view in views)
-                for model in self.models
-            ]
-        return torch.stack(members) / len(views)
+            for k, model in enumerate(self.models):
+                softmax, distance = [], []
+                for view in views:
+                    if novelty is None:
+                        logits = model(view)
+                    else:
+                        features, logits = features_and_logits(model, view)
+                        distance.append(novelty.members[k].distance(features.float()))
+                    softmax.append((logits.float() / temperature).softmax(1))
+                members.append(torch.stack(softmax).mean(0))
+                if novelty is not None:
+                    distances.append(torch.stack(distance).mean(0))
+        probabilities = torch.stack(members)
+        if novelty is None:
+            return probabilities, None
+        return probabilities, novelty.score(torch.stack(distances))
 
     def forward(self, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
         """Mean calibrated softmax over the ensemble (and ``tta`` transforms) of a batch."""
-        return self.forward_members(x, tta).mean(0)
+        return self.forward_members(x, tta)[0].mean(0)
 
     @property
     def workers(self) -> int:
@@ -217,8 +278,14 @@ class Classifier:
             finally:
                 torch.set_num_threads(workers)
 
-    def predict(self, crops: NDArray[np.uint8], tta: int = 0) -> Prediction:
-        """Class probabilities of crops and how far the ensemble's members agree.
+    def predict(
+        self,
+        crops: NDArray[np.uint8],
+        tta: int = 0,
+        slide_colours: ColourMoments | None = None,
+    ) -> Prediction:
+        """Class probabilities of crops, how far the ensemble's members agree, and how unlike
+        the known classes each cell is.
 
         Parameters
         ----------
@@ -227,6 +294,9 @@ class Classifier:
         tta : int
             Number of dihedral test-time transforms averaged (0 or 1: none; 8: all flips and
             90° rotations).
+        slide_colours : ColourMoments, optional
+            The colour moments of the slide the crops come from: adapt to it (see
+            :meth:`preprocess`).
 
         Returns
         -------
@@ -234,25 +304,34 @@ class Classifier:
         """
         probabilities = np.empty((len(crops), len(self.codes)), np.float32)
         agreement = np.empty(len(crops), np.float32)
+        novelty = np.full(len(crops), np.nan, np.float32)
         # Small calls are shared among the workers too.
         step = max(1, min(self.pass_size, -(-len(crops) // self.workers)))
 
         def run(start: int) -> None:
-            members = self.forward_members(self.preprocess(crops[start : start + step]), tta)
+            x = self.preprocess(crops[start : start + step], slide_colours)
+            members, distance = self.forward_members(x, tta)
             mean = members.mean(0)
             votes = members.argmax(2) == mean.argmax(1)[None]
             stop = start + len(mean)
             probabilities[start:stop] = mean.cpu().numpy()
             agreement[start:stop] = votes.float().mean(0).cpu().numpy()
+            if distance is not None:
+                novelty[start:stop] = distance.cpu().numpy()
 
         for _ in self.stream(run, range(0, len(crops), step)):
             pass
-        return Prediction(probabilities, agreement)
+        return Prediction(probabilities, agreement, novelty)
 
-    def predict_proba(self, crops: NDArray[np.uint8], tta: int = 0) -> NDArray[np.float32]:
+    def predict_proba(
+        self,
+        crops: NDArray[np.uint8],
+        tta: int = 0,
+        slide_colours: ColourMoments | None = None,
+    ) -> NDArray[np.float32]:
         """Class probabilities of crops, (N, n_classes) float32: :meth:`predict` (same
-        parameters) without the agreement."""
-        return self.predict(crops, tta).probabilities
+        parameters) without the agreement and novelty."""
+        return self.predict(crops, tta, slide_colours).probabilities
 
 
 #: Held while torch runs one thread per operation (a process-wide setting) for CPU workers.

@@ -51,7 +51,13 @@ def cells_record_batch(
     top = np.asarray(columns["top_class"])
     arrays["class"] = pa.array(np.asarray(class_codes)[top])
     arrays["certain"] = pa.array(
-        certain(columns["confidence"], columns["agreement"], threshold, min_agreement)
+        certain(
+            columns["confidence"],
+            columns["agreement"],
+            threshold,
+            min_agreement,
+            columns.get("novelty"),
+        )
     )
     return pa.RecordBatch.from_pydict(arrays)
 

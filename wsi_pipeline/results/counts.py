@@ -160,6 +160,8 @@ class Differential:
     min_agreement : float or None
         Least share of agreeing snapshots applied; None when the members' agreement was not
         given.
+    novelty_rule : bool
+        Whether cells unlike every known class (novelty above 1) were counted as uncertain.
     me_ratio : float or None
         Myeloid / erythroid; ``None`` when not assessable or undefined (see ``flags``).
     blast_percent : float or None
@@ -181,6 +183,7 @@ class Differential:
     countable: int
     threshold: float
     min_agreement: float | None
+    novelty_rule: bool
     me_ratio: float | None
     blast_percent: float | None
     blast_ci95: tuple[float, float] | None
@@ -222,6 +225,8 @@ class Differential:
         rule = f"confidence < {self.threshold:g}"
         if self.min_agreement is not None:
             rule += f" or snapshot agreement < {self.min_agreement:g}"
+        if self.novelty_rule:
+            rule += " or novelty > 1 (unlike every class the card knows)"
         return rule
 
     def as_dict(self) -> dict[str, Any]:
@@ -350,16 +355,20 @@ def certain(
     agreement: ArrayLike | None = None,
     threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    novelty: ArrayLike | None = None,
 ) -> NDArray[np.bool_]:
     """Which cells are assigned to their top class; the others are *uncertain*.
 
-    A cell is certain when its (calibrated) confidence reaches ``threshold`` and, where the
-    members' ``agreement`` is known, at least ``min_agreement`` of the ensemble's members share
-    its top class.
+    A cell is certain when its (calibrated) confidence reaches ``threshold``, where the
+    members' ``agreement`` is known at least ``min_agreement`` of the ensemble's members share
+    its top class, and where its ``novelty`` is known it is at most 1 (its features lie as near
+    a known class as the validation cells'; NaN, no novelty model, passes).
     """
     sure = np.asarray(confidence) >= threshold
     if agreement is not None:
         sure &= np.asarray(agreement) >= min_agreement
+    if novelty is not None:
+        sure &= ~(np.asarray(novelty) > 1.0)
     return sure
 
 
@@ -371,6 +380,7 @@ def differential(
     agreement: ArrayLike | None = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     specimen: str = "marrow",
+    novelty: ArrayLike | None = None,
 ) -> Differential:
     """Count a classified cell table into a differential.
 
@@ -391,6 +401,9 @@ def differential(
     specimen : {"marrow", "blood"}
         What was counted: chooses the reference ranges, the least count and whether an M:E
         ratio applies.
+    novelty : array_like of float, shape (N,), optional
+        Each cell's novelty; cells above 1 (unlike every class the card knows) are counted as
+        uncertain too.
 
     Returns
     -------
@@ -406,7 +419,7 @@ def differential(
         raise ValueError(f"specimen must be one of {', '.join(MIN_CELLS)}, got {specimen!r}")
     codes, conf = _validated_codes(top_class_codes, confidences, card_classes)
     known = set(card_classes)
-    confident = certain(conf, agreement, threshold, min_agreement)
+    confident = certain(conf, agreement, threshold, min_agreement, novelty)
     found, found_counts = np.unique(codes[confident], return_counts=True)
     per_code = dict(zip(found.tolist(), found_counts.tolist(), strict=True))
     counted = [c for c in CLASSES if c.counted]
@@ -443,6 +456,7 @@ def differential(
         countable=countable,
         threshold=float(threshold),
         min_agreement=None if agreement is None else float(min_agreement),
+        novelty_rule=novelty is not None and bool(np.isfinite(np.asarray(novelty)).any()),
         me_ratio=me_ratio,
         blast_percent=groups["blasts"].percent,
         blast_ci95=groups["blasts"].ci95,

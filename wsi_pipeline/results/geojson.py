@@ -128,7 +128,9 @@ def _cell_features(
     threshold: float,
     min_agreement: float,
 ) -> Iterable[str]:
-    sure = certain(batch["confidence"], batch.get("agreement"), threshold, min_agreement)
+    sure = certain(
+        batch["confidence"], batch.get("agreement"), threshold, min_agreement, batch.get("novelty")
+    )
     # One classification per class, not per cell: a slide holds hundreds of thousands.
     labelled = {
         code: {"name": cell_class(code).label, "color": list(hex_to_rgb(cell_class(code).colour))}

@@ -34,6 +34,7 @@ from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import exclusive_folder
 from wsi_pipeline.image.detect import DetectParams
 from wsi_pipeline.image.slide import Slide, open_slide, slide_checksum, slide_stem
+from wsi_pipeline.model.adapt import ColourMoments
 from wsi_pipeline.model.cards import ClassifierCard, resolve_card
 from wsi_pipeline.model.classify import get_classifier
 from wsi_pipeline.results.cohort import cohort_row
@@ -129,10 +130,16 @@ def detect(
     return detect_tiles(slide, tiles, card, params)
 
 
-def classify(cells: TileCells, card: ClassifierCard, options: RunOptions) -> TileCells:
-    """Class probabilities of one group's cells with this worker's model."""
+def classify(
+    cells: TileCells,
+    card: ClassifierCard,
+    options: RunOptions,
+    slide_colours: ColourMoments | None,
+) -> TileCells:
+    """Class probabilities of one group's cells with this worker's model, adapted to the
+    slide's colours when given."""
     classifier = get_classifier(card, options.device, options.batch_size)
-    return classify_cells(classifier, cells, options.tta)
+    return classify_cells(classifier, cells, options.tta, slide_colours)
 
 
 def aggregate(
@@ -260,6 +267,7 @@ def run_cohort(
                             cells,
                             card,
                             options,
+                            result.slide_colours,
                             resources={"GPU": 1} if gpu else None,
                             priority=-3 * rank + 2,
                         )

@@ -75,7 +75,7 @@ def run_slide(
             return detect_tiles(slide, [tile], card, plan.detect_params)
 
         def classify(cells: TileCells) -> TileCells:
-            return classify_cells(classifier, cells, options.tta)
+            return classify_cells(classifier, cells, options.tta, plan.slide_colours)
 
         def classified() -> Generator[TileCells, None, None]:
             counted = 0

@@ -51,6 +51,9 @@ class RunOptions:
     specimen : str
         ``marrow`` (an aspirate) or ``blood`` (a smear): chooses the reference ranges the
         differential is checked against and the least count.
+    adapt : bool
+        Adapt the classifier to the slide: its cells' colours are matched to the training
+        crops' (see :mod:`wsi_pipeline.model.adapt`).
     """
 
     classifier: str = "default"
@@ -66,6 +69,7 @@ class RunOptions:
     zip_geojson: bool = False
     on_bad_tile: str = "skip"
     specimen: str = "marrow"
+    adapt: bool = True
 
     def __post_init__(self) -> None:
         if self.region not in REGION_CHOICES:

@@ -221,8 +221,8 @@ def write_outputs(
             }
 
         with stage("report"):
-            top_class, confidence, agreement = writer.read_columns(
-                "top_class", "confidence", "agreement"
+            top_class, confidence, agreement, novelty = writer.read_columns(
+                "top_class", "confidence", "agreement", "novelty"
             )
             result = differential(
                 np.asarray(card.codes)[top_class],
@@ -232,6 +232,7 @@ def write_outputs(
                 agreement=agreement,
                 min_agreement=options.min_agreement,
                 specimen=options.specimen,
+                novelty=novelty,
             )
             stain_warnings = attrs["detection"]["warnings"]
             if stain_warnings:

@@ -25,6 +25,7 @@ from wsi_pipeline.image.regions import CLASSES as REGION_CLASSES
 from wsi_pipeline.image.regions import score_regions
 from wsi_pipeline.image.slide import Slide, UnreadableRegion, slide_checksum, slide_stem
 from wsi_pipeline.image.tiles import Tile, plan_tiles, region_rings
+from wsi_pipeline.model.adapt import ADAPTATION_METHOD, MIN_CELLS, ColourMoments, colour_moments
 from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
 from wsi_pipeline.run.options import REGION_CHOICES, RunOptions
@@ -42,7 +43,7 @@ __all__ = [
 
 REGION_MPP = 4.0  # thumbnail resolution for finding the countable smear: red cells ~2 px
 TILE_SIZE = 1024  # tile side in pixels at the classifier's resolution
-STAIN_SAMPLE_TILES = 8  # tiles pooled to learn a slide's stain and nuclear-stain threshold
+SAMPLE_TILES = 8  # tiles spread over the region that learn its stain, threshold and colours
 REPORT_THUMBNAIL_PX = 1200  # longest side of the overview drawn in the report
 
 
@@ -68,6 +69,9 @@ class SlidePlan:
         Microns per thumbnail pixel.
     detect_params : DetectParams
         Detection settings with the slide's stain and nuclear-stain threshold.
+    slide_colours : ColourMoments or None
+        The colour moments of the cells of the sample tiles, to which the classifier adapts
+        (None: not adapting; see ``attrs["adaptation"]`` for why).
     timings : dict of str to float
         Seconds spent opening and planning.
     """
@@ -80,6 +84,7 @@ class SlidePlan:
     thumbnail_scale: float
     thumbnail_mpp: float
     detect_params: DetectParams
+    slide_colours: ColourMoments | None
     timings: dict[str, float]
 
 
@@ -129,7 +134,8 @@ def plan_slide(
     stem: str | None = None,
 ) -> SlidePlan:
     """Checksum the slide (unless given), score the smear, lay out tiles at the card's
-    resolution and learn the slide's stain and nuclear-stain threshold.
+    resolution, learn the slide's stain and nuclear-stain threshold, and (``options.adapt``)
+    measure the colours of its cells, to which the classifier adapts.
 
     The checksum is computed on a second thread while the rest is planned; the ``open`` timing
     is the wait for it after planning. ``stem`` names the outputs (default: the slide's stem).
@@ -149,8 +155,11 @@ def plan_slide(
             tiles = [tile for tile, c in zip(grid, classes, strict=True) if c in wanted]
             scale = slide.mpp / REGION_MPP
             region = region_rings(tiles, thumbnail.shape[:2], scale)
-            detect_params = _slide_params(slide, tiles)
+            sample = _sample_tiles(tiles)
+            detect_params = _slide_params(slide, sample)
             overview, overview_scale = _report_thumbnail(slide, thumbnail)
+        with stage("adapt"):
+            colours, adaptation = _slide_colours(slide, sample, card, detect_params, options.adapt)
         with stage("open"):
             if hashing is not None:  # submitted exactly when no checksum was given
                 checksum = hashing.result()
@@ -170,6 +179,7 @@ def plan_slide(
             "threshold": round(float(detect_params.threshold or 0.0), 4),
             "warnings": detect_params.stain.warnings() if detect_params.stain else [],
         },
+        "adaptation": adaptation,
     }
     return SlidePlan(
         stem=stem or slide_stem(slide.info.path),
@@ -180,6 +190,7 @@ def plan_slide(
         thumbnail_scale=overview_scale,
         thumbnail_mpp=slide.mpp / overview_scale,
         detect_params=detect_params,
+        slide_colours=colours,
         timings=timings,
     )
 
@@ -207,17 +218,41 @@ def _report_thumbnail(
     return np.asarray(image), scale * shrink
 
 
-def _slide_params(slide: Slide, tiles: list[Tile]) -> DetectParams:
-    """Detection settings with the stain and threshold learned from tiles spread evenly across
-    the counted region."""
-    picks = np.unique(np.linspace(0, len(tiles) - 1, STAIN_SAMPLE_TILES).round().astype(int))
-    samples = []
-    for i in picks if tiles else []:
+def _sample_tiles(tiles: list[Tile]) -> list[Tile]:
+    """Up to :data:`SAMPLE_TILES` tiles spread evenly across the counted region."""
+    if not tiles:
+        return []
+    picks = np.unique(np.linspace(0, len(tiles) - 1, SAMPLE_TILES).round().astype(int))
+    return [tiles[i] for i in picks]
+
+
+def _slide_params(slide: Slide, sample: list[Tile]) -> DetectParams:
+    """Detection settings with the stain and threshold learned from the sample tiles."""
+    images = []
+    for tile in sample:
         try:
-            samples.append(slide.read_region(tiles[i].origin, tiles[i].read_size, tiles[i].mpp))
+            images.append(slide.read_region(tile.origin, tile.read_size, tile.mpp))
         except UnreadableRegion:
             continue  # detection records the tile
-    return slide_params(samples, tiles[0].mpp if tiles else slide.mpp)
+    return slide_params(images, sample[0].mpp if sample else slide.mpp)
+
+
+def _slide_colours(
+    slide: Slide, sample: list[Tile], card: ClassifierCard, params: DetectParams, adapt: bool
+) -> tuple[ColourMoments | None, dict[str, Any]]:
+    """The colour moments of the cells of the sample tiles, and what the store records of
+    the adaptation (whether it ran, and why not)."""
+    record: dict[str, Any] = {"method": ADAPTATION_METHOD, "ran": False}
+    if not adapt:
+        return None, {**record, "reason": "turned off (--no-adapt)"}
+    if not card.adaptation:
+        return None, {**record, "reason": f"card {card.name!r} records no reference colours"}
+    crops = detect_tiles(slide, sample, card, params).crops
+    if len(crops) < MIN_CELLS:
+        reason = f"{len(crops)} cells in {len(sample)} sample tiles; at least {MIN_CELLS} needed"
+        return None, {**record, "reason": reason}
+    colours = colour_moments(crops)
+    return colours, {**record, "ran": True, "slide_colours": colours.as_dict()}
 
 
 def detect_tiles(
@@ -255,21 +290,30 @@ def _no_cells(crop_size: int) -> TileCells:
     return TileCells(columns, np.zeros((0, crop_size, crop_size, 3), np.uint8))
 
 
-def classify_cells(classifier: Classifier, cells: TileCells, tta: int = 0) -> TileCells:
-    """The same cells with ``probabilities``, ``top_class``, ``confidence``, ``agreement`` and
-    ``review_priority`` added."""
+def classify_cells(
+    classifier: Classifier,
+    cells: TileCells,
+    tta: int = 0,
+    slide_colours: ColourMoments | None = None,
+) -> TileCells:
+    """The same cells with ``probabilities``, ``top_class``, ``confidence``, ``agreement``,
+    ``novelty`` and ``review_priority`` added; with ``slide_colours`` (the plan's) the
+    classifier adapts to the slide."""
     start = time.perf_counter()
-    prediction = classifier.predict(cells.crops, tta)
+    prediction = classifier.predict(cells.crops, tta, slide_colours)
     probabilities = prediction.probabilities
     top = probabilities.argmax(axis=1)
     confidence = probabilities[np.arange(len(top)), top]
+    # A cell unlike every known class (novelty > 1) weighs as a less confident one.
+    familiarity = np.minimum(1.0, 1.0 / np.nan_to_num(prediction.novelty, nan=1.0))
     columns = {
         **cells.columns,
         "probabilities": probabilities,
         "top_class": top.astype(np.int16),
         "confidence": confidence,
         "agreement": prediction.agreement,
-        "review_priority": 1.0 - confidence * prediction.agreement,
+        "novelty": prediction.novelty,
+        "review_priority": 1.0 - confidence * prediction.agreement * familiarity,
     }
     check_columns(columns, len(classifier.card.codes), required=field_names("detect", "classify"))
     seconds = {**cells.seconds, "classify": time.perf_counter() - start}

@@ -1,0 +1,96 @@
+"""Per-slide adaptation: a slide's cells shown to the network in the colours it was trained on.
+
+A slide gives hundreds or thousands of cells in one stain. Its crops' per-channel colour moments
+(mean and standard deviation of R, G and B over every pixel of every crop: mostly the slide's
+background, red cells and stain) are matched to the moments of the card's training crops
+(*colour-moment matching*, Reinhard et al. 2001 in RGB; a linear map per channel, so the
+network's normalisation absorbs it at no cost). Only the input moves: no layer's statistics are
+re-estimated (re-estimating every batch-norm layer on a held-out set lowered the known labs'
+scores).
+
+Two moments of a slide are estimated from all its crops (or a sample spread over it); under
+:data:`MIN_CELLS` crops a slide is not adapted, since a handful of cells says more about their
+own classes than about the stain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "ADAPTATION_METHOD",
+    "MIN_CELLS",
+    "ColourMoments",
+    "adapted_normalisation",
+    "colour_moments",
+]
+
+#: What the store and the cards call the adaptation.
+ADAPTATION_METHOD = "colour moments of the slide's cells matched to the training crops'"
+
+#: Fewest crops whose moments adapt a slide.
+MIN_CELLS = 32
+
+
+@dataclass(frozen=True)
+class ColourMoments:
+    """Per-channel mean and standard deviation of crops, RGB in [0, 1].
+
+    Attributes
+    ----------
+    mean, std : tuple of float
+    n : int
+        Crops they were measured on.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "n": self.n}
+
+    @classmethod
+    def from_dict(cls, table: dict[str, Any]) -> ColourMoments:
+        mean, std = (tuple(float(v) for v in table[k]) for k in ("mean", "std"))
+        return cls(mean, std, int(table.get("n", 0)))  # type: ignore[arg-type]
+
+
+def colour_moments(crops: NDArray[np.uint8], max_crops: int = 4096) -> ColourMoments:
+    """The colour moments of uint8 (N, H, W, 3) crops (an evenly spaced sample of
+    ``max_crops`` when there are more)."""
+    sample = crops[:: max(1, -(-len(crops) // max_crops))]
+    pixels = sample.reshape(-1, 3)
+    mean = pixels.mean(0, dtype=np.float64) / 255.0
+    std = pixels.std(0, dtype=np.float64) / 255.0
+    return ColourMoments(
+        tuple(round(float(v), 5) for v in mean),  # type: ignore[arg-type]
+        tuple(round(float(v), 5) for v in std),  # type: ignore[arg-type]
+        len(crops),
+    )
+
+
+def adapted_normalisation(
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    reference: ColourMoments,
+    slide: ColourMoments,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The network's input normalisation with a slide's colours matched to the reference's.
+
+    ``x`` is first mapped to ``(x - slide.mean) / slide.std * reference.std + reference.mean``,
+    then normalised by ``(mean, std)``; both are affine, so together they are one normalisation
+    ``(x - M) / S``, returned as ``(M, S)``.
+    """
+    m_out, s_out = [], []
+    for m, s, m_r, s_r, m_s, s_s in zip(
+        mean, std, reference.mean, reference.std, slide.mean, slide.std, strict=True
+    ):
+        gain = s_r / max(s_s, 1e-3)
+        s_out.append(s / gain)
+        m_out.append(m_s - (m_r - m) / gain)
+    return tuple(m_out), tuple(s_out)
