@@ -48,6 +48,7 @@ def cell_batch(n: int, start: int) -> dict[str, np.ndarray]:
         "top_class": probabilities.argmax(1).astype(np.int16),
         "confidence": probabilities.max(1),
         "agreement": np.ones(n, np.float32),
+        "novelty": np.full(n, np.nan, np.float32),
         "review_priority": 1 - probabilities.max(1),
     }
 

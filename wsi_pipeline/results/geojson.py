@@ -110,6 +110,8 @@ def _measurements(batch: Mapping[str, NDArray], class_codes: Sequence[str]) -> l
     for field in (f for f in MEASURED_FIELDS if f.name in batch):
         assert field.measurement is not None
         values = np.round(np.asarray(batch[field.name], dtype=np.float64), field.decimals)
+        if np.isnan(values).all():  # not measured (novelty of a card without a novelty model)
+            continue
         if np.dtype(field.dtype).kind == "i":  # a row number reads 12, not 12.0
             values = values.astype(np.int64)
         if field.tail:
