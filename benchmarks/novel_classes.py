@@ -50,6 +50,7 @@ from wsi_pipeline.core.taxonomy import cell_class
 from wsi_pipeline.core.taxonomy import codes as taxonomy_codes
 from wsi_pipeline.learn.datasets import (
     LabelledImage,
+    folder_mpps,
     load_crops,
     scan_labelled_folder,
     split_of,
@@ -266,19 +267,10 @@ def training_folders(classifier: Classifier) -> list[tuple[str, Path | None, flo
     """
     training = classifier.card.provenance.get("training", {})
     recorded = [str(f) for f in training.get("folders", [])]
-    mpp = training.get("image_mpp")
-    if mpp is None or isinstance(mpp, int | float):
-        mpps = [mpp] * len(recorded)
-    elif len(mpp) == 1:
-        mpps = list(mpp) * len(recorded)
-    else:
-        mpps = list(mpp)
-    if len(mpps) != len(recorded):
-        raise ValueError(f"card {classifier.card.name!r}: {len(mpps)} pixel sizes for folders")
     found = []
-    for name, size in zip(recorded, mpps, strict=True):
+    for name, size in zip(recorded, folder_mpps(recorded, training.get("image_mpp")), strict=True):
         path = Path(name) if Path(name).is_absolute() else REPO / name
-        found.append((name, path if path.is_dir() else None, None if size is None else float(size)))
+        found.append((name, path if path.is_dir() else None, size))
     return found
 
 

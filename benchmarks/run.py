@@ -169,7 +169,7 @@ def phase_detect(slide: str, card: str, crops_out: str | None, keep: int) -> dic
                 opened.read_region(tile.origin, tile.read_size, tile.mpp)
         for tile in plan.tiles:
             with detect_watch.timing():
-                found = detect_tiles(opened, [tile], model_card, plan.threshold)
+                found = detect_tiles(opened, [tile], model_card, plan.detect_params)
             cells += len(found)
             if sum(len(k) for k in kept) < keep:
                 kept.append(found.crops)

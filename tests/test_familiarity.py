@@ -57,7 +57,7 @@ def test_novel_cells_are_uncertain_whatever_their_confidence():
 
 def test_a_trained_card_finds_cells_unlike_its_classes_novel(trained):
     card = trained.card
-    assert card.novelty["quantile"] == 0.95 and card.adaptation["reference"]["n"] > 0
+    assert card.novelty["quantile"] == 0.95 and card.adaptation["references"][0]["n"] > 0
     classifier = Classifier(card, device="cpu")
     rng = np.random.default_rng(3)
     noise = rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)  # no cell at all
@@ -102,7 +102,7 @@ def test_a_run_adapts_only_with_a_card_that_records_its_colours(trained):
     darker = (crops * 0.8).astype(np.uint8)
     adapted = Classifier(trained.card, device="cpu")
     plain = Classifier(dataclasses.replace(trained.card, adaptation={}), device="cpu")
-    assert plain.reference_colours is None
+    assert plain.reference_colours == []
     np.testing.assert_array_equal(
         plain.predict_proba(darker, slide_colours=colour_moments(darker)),
         plain.predict_proba(darker),

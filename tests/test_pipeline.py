@@ -67,6 +67,13 @@ def test_a_run_writes_exactly_the_declared_cell_fields(synthetic_run):
     assert {name: str(cells[name].dtype) for name in cells.array_keys()} == declared
 
 
+def test_the_store_says_why_the_classifier_did_not_adapt(synthetic_run):
+    run, _ = synthetic_run
+    adaptation = read_summary(run.store)["adaptation"]
+    assert adaptation["ran"] is False
+    assert adaptation["reason"] == "card 'synthetic-demo' records no reference colours"
+
+
 def ground_truth(slide: Path, rings: list) -> dict[str, int]:
     with open(slide.with_suffix(".cells.csv")) as stream:
         rows = list(csv.DictReader(stream))
@@ -225,6 +232,8 @@ def test_real_he_slides_complete_and_say_what_they_found(shared_data, tmp_path, 
     assert done.returncode == 0, done.stderr
     stem = name.removesuffix(".svs")
     summary = read_summary(tmp_path / f"{stem}.zarr")
+    adaptation = summary["adaptation"]  # the default card adapts to every slide it can
+    assert adaptation["ran"] or "sample tiles" in adaptation["reason"]
     counts = summary["counts"]
     # The default card recognises blasts; plasma cells and proerythroblasts it cannot.
     assert counts["blast_percent"] is not None or counts["countable"] == 0

@@ -31,6 +31,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "LabelledImage",
     "estimate_mpp_from_red_cells",
+    "folder_mpps",
     "load_crops",
     "load_crops_cached",
     "scan_labelled_folder",
@@ -59,6 +60,28 @@ class LabelledImage:
     path: Path
     label: str
     group: str
+
+
+def folder_mpps(
+    folders: Sequence[str | os.PathLike[str]], image_mpp: float | Sequence[float] | None
+) -> list[float | None]:
+    """One pixel size (or None: crops of the card's field of view) per folder, from one value
+    for all or one per folder (``wsi train --image-mpp``, a card's ``training.image_mpp``).
+
+    Raises
+    ------
+    InputError
+        When the number of pixel sizes is neither 1 nor the number of folders.
+    """
+    if image_mpp is None or isinstance(image_mpp, float | int):
+        return [None if image_mpp is None else float(image_mpp)] * len(folders)
+    if len(image_mpp) == 1:
+        return [float(image_mpp[0])] * len(folders)
+    if len(image_mpp) != len(folders):
+        raise InputError(
+            folders[0], f"{len(image_mpp)} pixel sizes given for {len(folders)} image folders"
+        )
+    return [float(v) for v in image_mpp]
 
 
 def scan_labelled_folder(

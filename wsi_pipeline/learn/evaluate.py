@@ -284,7 +284,7 @@ def evaluate_folder(
             expected_calibration_error(prediction.probabilities[known], truth[known]), 4
         )
         report["uncertain_share"] = round(float(1 - sure[known].mean()), 4)
-        report["adapted"] = colours is not None and classifier.reference_colours is not None
+        report["adapted"] = colours is not None and bool(classifier.reference_colours)
         novel = prediction.novelty > 1
         report["novel_share"] = round(float(novel[known].mean()), 4)
         right = predicted[known] == truth[known]

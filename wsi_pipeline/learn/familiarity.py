@@ -3,8 +3,8 @@ classes lie in its feature space.
 
 After training, two tables are added to a card:
 
-* ``[adaptation]``: the colour moments of the training crops, to which each slide's cells are
-  matched at run time (:mod:`wsi_pipeline.model.adapt`);
+* ``[adaptation]``: the colour moments of each source's (lab's) training crops, the nearest of
+  which each slide's cells are matched to at run time (:mod:`wsi_pipeline.model.adapt`);
 * ``[novelty]``: each member's class Gaussians in its last feature space, fitted on the training
   crops as the training augmentation redraws them, scaled and thresholded on the validation
   split redrawn the same way (:mod:`wsi_pipeline.model.novelty`), written to
@@ -64,6 +64,7 @@ def add_familiarity(
     card: ClassifierCard,
     train: tuple[NDArray[np.uint8], NDArray[np.int64]],
     val: tuple[NDArray[np.uint8], NDArray[np.int64]],
+    sources: dict[str, NDArray[np.bool_]],
     augmentation: AugmentConfig,
     seed: int = 0,
     device: str = "cpu",
@@ -78,6 +79,9 @@ def add_familiarity(
         A trained card (weights written, calibrated).
     train, val : (crops, labels)
         The training and validation splits.
+    sources : dict of str to ndarray of bool
+        Which training crops each source (a lab's folder) holds; those with white cells of a
+        counted class become the adaptation's references.
     augmentation : AugmentConfig
         The training augmentation: the Gaussians and the threshold see every crop redrawn once.
     seed : int
@@ -85,8 +89,15 @@ def add_familiarity(
     quantile : float
         Share of the validation cells whose novelty stays at or below 1.
     """
-    reference = colour_moments(train[0], max_crops=len(train[0]))
-    adaptation = {"method": ADAPTATION_METHOD, "reference": reference.as_dict()}
+    # A lab is a source of white cells: a folder of platelets alone (artefacts, mostly glass)
+    # is not a stain a slide should be matched to.
+    counted = np.array([c.counted for c in card.classes])[train[1]]
+    references = [
+        colour_moments(train[0][held], max_crops=int(held.sum()), source=name).as_dict()
+        for name, held in sources.items()
+        if (held & counted).any()
+    ]
+    adaptation = {"method": ADAPTATION_METHOD, "references": references}
     classifier = Classifier(dataclasses.replace(card, novelty={}), device=device)
     members, val_distances = [], []
     for k, model in enumerate(classifier.models):

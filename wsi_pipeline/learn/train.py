@@ -48,7 +48,12 @@ from wsi_pipeline.learn.calibrate import (
     fit_temperature,
 )
 from wsi_pipeline.learn.corrections import MANIFEST
-from wsi_pipeline.learn.datasets import load_crops_cached, scan_labelled_folder, split_of
+from wsi_pipeline.learn.datasets import (
+    folder_mpps,
+    load_crops_cached,
+    scan_labelled_folder,
+    split_of,
+)
 from wsi_pipeline.learn.familiarity import add_familiarity
 from wsi_pipeline.model.cards import (
     ClassifierCard,
@@ -211,26 +216,13 @@ def _normalise(x: torch.Tensor, card: ClassifierCard) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _folder_mpps(folders: list[Path], image_mpp: float | tuple[float, ...] | None) -> list:
-    """One pixel size (or None) per folder."""
-    if image_mpp is None or isinstance(image_mpp, float | int):
-        return [image_mpp] * len(folders)
-    if len(image_mpp) == 1:
-        return list(image_mpp) * len(folders)
-    if len(image_mpp) != len(folders):
-        raise InputError(
-            folders[0], f"{len(image_mpp)} pixel sizes given for {len(folders)} image folders"
-        )
-    return list(image_mpp)
-
-
 def _load_splits(
     folders: list[Path], card: ClassifierCard, config: TrainConfig
 ) -> dict[str, LabelledCrops]:
     index = {code: i for i, code in enumerate(card.codes)}
     crops, labels, sources, subsets = [], [], [], []
     for k, (folder, mpp) in enumerate(
-        zip(folders, _folder_mpps(folders, config.image_mpp), strict=True)
+        zip(folders, folder_mpps(folders, config.image_mpp), strict=True)
     ):
         items = scan_labelled_folder(folder, card.codes)
         crops.append(
@@ -638,6 +630,7 @@ def _export(
             trained,
             (splits["train"].crops, splits["train"].labels),
             (splits["val"].crops, splits["val"].labels),
+            {Path(f).name: splits["train"].sources == k for k, f in enumerate(data["sources"])},
             AUGMENTATIONS[augmentation_name(config)],
             config.seed,
             str(device),

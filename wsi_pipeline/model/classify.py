@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.prefetch import prefetch
-from wsi_pipeline.model.adapt import ColourMoments, adapted_normalisation
+from wsi_pipeline.model.adapt import ColourMoments, adapted_normalisation, nearest_reference
 from wsi_pipeline.model.cards import (
     ClassifierCard,
     build_model,
@@ -45,6 +45,7 @@ R = TypeVar("R")
 __all__ = [
     "TTA_TRANSFORMS",
     "Classifier",
+    "Prediction",
     "classify_crops",
     "default_batch_size",
     "get_classifier",
@@ -174,11 +175,10 @@ class Classifier:
         return self.card.codes
 
     @property
-    def reference_colours(self) -> ColourMoments | None:
-        """The training crops' colour moments, to which a slide's are matched; None when the
-        card cannot adapt to a slide."""
-        table = self.card.adaptation.get("reference")
-        return ColourMoments.from_dict(table) if table else None
+    def reference_colours(self) -> list[ColourMoments]:
+        """Each training lab's crops' colour moments, the nearest of which a slide's are
+        matched to; empty when the card cannot adapt to a slide."""
+        return [ColourMoments.from_dict(t) for t in self.card.adaptation.get("references", [])]
 
     def preprocess(
         self, crops: NDArray[np.uint8], slide_colours: ColourMoments | None = None
@@ -204,7 +204,9 @@ class Classifier:
         the training crops' colours when ``slide_colours`` is given (and the card records
         them)."""
         mean, std = self._mean, self._std
-        reference = self.reference_colours
+        reference = (
+            nearest_reference(self.reference_colours, slide_colours) if slide_colours else None
+        )
         if slide_colours is not None and reference is not None:
             adapted = adapted_normalisation(
                 self.card.model.mean, self.card.model.std, reference, slide_colours

@@ -398,7 +398,8 @@ def read_summary(store: str | Path) -> dict[str, Any]:
     -------
     dict
         ``store``, ``status``, ``slide``, ``classifier`` (name, classes, weights, caveat),
-        ``n_cells``, ``parameters``, ``software``, ``timings`` and ``counts`` (the differential:
+        ``n_cells``, ``parameters``, ``adaptation`` (whether the classifier adapted to the
+        slide, and to what), ``software``, ``timings`` and ``counts`` (the differential:
         classes, groups, not counted, uncertain, M:E ratio, blast %, graded findings).
 
     Raises
@@ -421,6 +422,7 @@ def read_summary(store: str | Path) -> dict[str, Any]:
         | {"classes": attrs.get("class_codes", [])},
         "n_cells": attrs.get("n_cells"),
         "parameters": attrs.get("parameters", {}),
+        "adaptation": attrs.get("adaptation", {"ran": False, "reason": "not recorded"}),
         "software": attrs.get("software", {}),
         "timings": attrs.get("timings", {}),
         "counts": attrs["counts"],

@@ -25,7 +25,13 @@ from wsi_pipeline.image.regions import CLASSES as REGION_CLASSES
 from wsi_pipeline.image.regions import score_regions
 from wsi_pipeline.image.slide import Slide, UnreadableRegion, slide_checksum, slide_stem
 from wsi_pipeline.image.tiles import Tile, plan_tiles, region_rings
-from wsi_pipeline.model.adapt import ADAPTATION_METHOD, MIN_CELLS, ColourMoments, colour_moments
+from wsi_pipeline.model.adapt import (
+    ADAPTATION_METHOD,
+    MIN_CELLS,
+    ColourMoments,
+    colour_moments,
+    nearest_reference,
+)
 from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
 from wsi_pipeline.run.options import REGION_CHOICES, RunOptions
@@ -252,7 +258,10 @@ def _slide_colours(
         reason = f"{len(crops)} cells in {len(sample)} sample tiles; at least {MIN_CELLS} needed"
         return None, {**record, "reason": reason}
     colours = colour_moments(crops)
-    return colours, {**record, "ran": True, "slide_colours": colours.as_dict()}
+    references = [ColourMoments.from_dict(t) for t in card.adaptation["references"]]
+    nearest = nearest_reference(references, colours)
+    matched = {"matched_to": nearest.source} if nearest else {}
+    return colours, {**record, "ran": True, "slide_colours": colours.as_dict(), **matched}
 
 
 def detect_tiles(
