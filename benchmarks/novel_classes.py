@@ -241,7 +241,7 @@ def plasma_cells(
         "crop_px": round(model.fov_um / SEGPC_MPP),
         "n_fields": n_fields,
         "n_fields_with_cells": int(len(np.unique(fields))),
-        "adapted": colours is not None and classifier.reference_colours is not None,
+        "adapted": colours is not None and bool(classifier.reference_colours),
         "card_has_class": PLASMA_CELL in codes,
         **outcome(prediction, codes, PLASMA_CELL),
         "argmax_called": _tally([codes[t] for t in top]),
@@ -294,7 +294,7 @@ def predict_folder(
     model = classifier.card.model
     crops = load_crops(paths, model.input_size, model.fov_um, mpp)
     colours = slide_colours(crops, adapt)
-    adapted = colours is not None and classifier.reference_colours is not None
+    adapted = colours is not None and bool(classifier.reference_colours)
     return classifier.predict(crops, tta=0, slide_colours=colours), adapted
 
 

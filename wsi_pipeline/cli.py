@@ -141,8 +141,8 @@ def _adapt_option(what: str):
         "--adapt/--no-adapt",
         default=True,
         show_default=True,
-        help=f"Adapt the classifier to {what} colours matched to those the card was trained on "
-        "(cards that record them; the results say whether it ran).",
+        help=f"Adapt the classifier to {what} mean colour shifted onto that of the training "
+        "lab it resembles most (cards that record it; the results say whether it ran).",
     )
 
 

@@ -244,7 +244,9 @@ def evaluate_folder(
         JSON-able: ``folder``, ``subset``, ``reports`` (card name to
         :func:`classification_report` plus ``ece``, the expected calibration error;
         ``uncertain_share``, the share of scored images the differential would count as
-        uncertain, and ``certain_accuracy``, the accuracy of the others; ``n_unrecognised``,
+        uncertain (confidence, agreement or novelty), ``novel_share``, those whose novelty is
+        above 1, ``adapted``, whether the card adapted to the folder's colours, and
+        ``certain_accuracy``, the accuracy of the others; ``n_unrecognised``,
         images whose class the card has no output for, left out of its scores, with
         ``unrecognised_uncertain_share`` and ``unrecognised_called``, where they went; a name
         already used by an earlier card gets ``-2``, ``-3``, ...), ``comparison`` (Markdown

@@ -6,11 +6,14 @@ store. Only the mosaics scale each map to its own range, and label that range be
 
 Grad-CAM layer
     ``model.stages[-2]`` of a timm CoAtNet, the first transformer stage: a 6 x 6 grid for a
-    96 px crop (input / 16), upsampled bilinearly. timm's ``TransformerBlock2d`` keeps tensors in
-    ``(B, C, H, W)`` layout, so the stage output is already a spatial map. Measured with the
-    ``default`` card's first member on 160 real MLL marrow crops (20 per class, cut as the card
-    expects; ``benchmarks/saliency.py``), against Otsu masks of the cell and its nucleus (area
-    shares 22 % and 12 %); "enrichment" is the mass share inside over the area share:
+    96 px crop (input / 16), upsampled bilinearly. In ``coatnet_lite0``
+    (:mod:`wsi_pipeline.model.hybrid`) ``stages`` holds only the transformer stages, and
+    ``stages[-2]`` is again the first of them, on the same 6 x 6 grid. timm's
+    ``TransformerBlock2d`` keeps tensors in ``(B, C, H, W)`` layout, so the stage output is
+    already a spatial map. Measured with the v2 ``default`` card's first member on 160 real MLL
+    marrow crops (20 per class, cut as the card expects; ``benchmarks/saliency.py``), against
+    Otsu masks of the cell and its nucleus (area shares 22 % and 12 %); "enrichment" is the mass
+    share inside over the area share:
 
     ========== ====== ================= ==================== ==========================
     stage      grid   cell: share, enr. nucleus: share, enr. top-1 vs top-2 map corr.
