@@ -100,7 +100,7 @@ def test_a_card_trained_from_imagenet_weights_records_where_they_came_from(
     assert started == {**provenance(SOURCE), "tensors": started["tensors"]}
     assert started["tensors"] > 100
     assert card.model.mean == PRETRAINED[SOURCE].mean  # the weights' own normalisation
-    assert card.novelty["members"] == 1 and card.adaptation["reference"]["n"] > 0
+    assert card.novelty["members"] == 1 and card.adaptation["references"][0]["n"] > 0
     assert card.provenance["training"]["command"]
 
 
