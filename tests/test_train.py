@@ -147,7 +147,7 @@ def test_fine_tuning_starts_from_the_parent_card(labelled_folder, card_path, tmp
     config = dataclasses.replace(CONFIG, epochs=1, max_steps=1, lr=1e-9, init=str(parent.card.path))
     child = train_classifier(
         labelled_folder,
-        card_path,
+        parent.card.path,  # as `wsi train --init PARENT` without --card: the parent is the template
         tmp_path / "c" / "tiny.toml",
         config,
         workdir=tmp_path / "wc",
@@ -161,6 +161,8 @@ def test_fine_tuning_starts_from_the_parent_card(labelled_folder, card_path, tmp
         workdir=tmp_path / "ws",
         log=str,
     )
+    # The child's novelty model is its own, beside it, not the parent's.
+    assert (child.card.path.parent / child.card.novelty["file"]).is_file()
     recorded = load_card(child.card.path).provenance["training"]["parent"]
     assert recorded["weights_sha256"] == [w.sha256 for w in parent.card.weights]
     assert recorded["layers_restarted"] == []

@@ -320,8 +320,8 @@ def train_classifier(
         pixel size ``config.image_mpp`` gives it.
     card : name, path or ClassifierCard
         Template card: architecture, input size, field of view, classes (in output order),
-        provenance text. Its weights, if any, are ignored (training starts from scratch, or from
-        ``config.init``).
+        provenance text. Its weights, colour references and novelty model, if any, are ignored
+        (training starts from scratch, or from ``config.init``).
     out : path
         Card file to write (``NAME.toml``); the weights go beside it as
         ``NAME.safetensors`` or ``NAME.snapshotK.safetensors``.
@@ -372,7 +372,9 @@ def train_classifier(
             )  # fmt: skip
         mean, std = list(parent_card.model.mean), list(parent_card.model.std)
     model_config = dataclasses.replace(template.model, mean=tuple(mean), std=tuple(std))
-    template = dataclasses.replace(template, model=model_config)
+    # A trained template's colour references and novelty model describe its own networks, not
+    # the ones trained here: the export fits them afresh.
+    template = dataclasses.replace(template, model=model_config, adaptation={}, novelty={})
     log(
         f"{len(train.labels)} train, {len(splits['val'].labels)} val, "
         f"{len(splits['test'].labels)} test images on {device}"
