@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 from numpy.typing import NDArray
 from PIL import Image
 from unseen_lab import _crop
@@ -56,7 +57,7 @@ from wsi_pipeline.learn.datasets import (
     split_of,
 )
 from wsi_pipeline.learn.evaluate import classification_report
-from wsi_pipeline.model.adapt import MIN_CELLS, ColourMoments, colour_moments
+from wsi_pipeline.model.adapt import slide_colours
 from wsi_pipeline.model.classify import Classifier, Prediction
 from wsi_pipeline.results.counts import (
     DEFAULT_CONFIDENCE_THRESHOLD,
@@ -116,11 +117,6 @@ def _tally(names: list[str]) -> dict[str, int]:
     return dict(Counter(names).most_common())
 
 
-def slide_colours(crops: NDArray[np.uint8], adapt: bool) -> ColourMoments | None:
-    """The colour moments a run adapts a slide of these crops to (None: not adapted)."""
-    return colour_moments(crops) if adapt and len(crops) >= MIN_CELLS else None
-
-
 def outcome(prediction: Prediction, codes: tuple[str, ...], true_code: str) -> dict[str, Any]:
     """Where cells of class ``true_code`` go under the differential's rule.
 
@@ -168,20 +164,6 @@ def rule_parts(prediction: Prediction) -> dict[str, float | None]:
 # --- part 1: SegPC plasma cells -------------------------------------------------------------
 
 
-def polygon_centroid(ring: NDArray[np.floating]) -> tuple[float, float]:
-    """Area centroid (x, y) of a closed or open polygon ring; its vertices' mean when it has
-    no area."""
-    x, y = ring[:, 0], ring[:, 1]
-    x1, y1 = np.roll(x, -1), np.roll(y, -1)
-    cross = x * y1 - x1 * y
-    area = cross.sum() / 2
-    if abs(area) < 1e-9:
-        return float(x.mean()), float(y.mean())
-    return float(((x + x1) * cross).sum() / (6 * area)), float(
-        ((y + y1) * cross).sum() / (6 * area)
-    )
-
-
 def load_plasma_cells(
     data: Path, fov_um: float, size: int, limit: int | None = None
 ) -> tuple[NDArray[np.uint8], NDArray[np.int64], int]:
@@ -212,8 +194,8 @@ def load_plasma_cells(
     for k, file in enumerate(files):
         image = np.asarray(Image.open(data / "images" / f"{file.stem}.jpg").convert("RGB"))
         for feature in json.loads(file.read_text())["features"]:
-            ring = np.asarray(feature["geometry"]["coordinates"][0], dtype=float)
-            crops.append(_crop(image, polygon_centroid(ring), side, size))
+            centroid = shapely.Polygon(feature["geometry"]["coordinates"][0]).centroid
+            crops.append(_crop(image, (centroid.x, centroid.y), side, size))
             fields.append(k)
     empty = np.empty((0, size, size, 3), np.uint8)
     return (np.stack(crops) if crops else empty), np.array(fields, np.int64), len(files)
@@ -229,7 +211,7 @@ def plasma_cells(
     crops, fields, n_fields = load_plasma_cells(data, model.fov_um, model.input_size, limit)
     if not len(crops):
         return {"skipped": f"no plasma cell in the {n_fields} fields read from {data}"}
-    colours = slide_colours(crops, adapt)
+    colours = slide_colours(crops) if adapt else None
     prediction = classifier.predict(crops, tta=0, slide_colours=colours)
     codes = classifier.codes
     sure = _is_certain(prediction)
@@ -241,7 +223,7 @@ def plasma_cells(
         "crop_px": round(model.fov_um / SEGPC_MPP),
         "n_fields": n_fields,
         "n_fields_with_cells": int(len(np.unique(fields))),
-        "adapted": colours is not None and bool(classifier.reference_colours),
+        "adapted": classifier.adapts_to(colours),
         "card_has_class": PLASMA_CELL in codes,
         **outcome(prediction, codes, PLASMA_CELL),
         "argmax_called": _tally([codes[t] for t in top]),
@@ -293,8 +275,8 @@ def predict_folder(
     """A card's prediction of one folder's images as one slide, and whether it was adapted."""
     model = classifier.card.model
     crops = load_crops(paths, model.input_size, model.fov_um, mpp)
-    colours = slide_colours(crops, adapt)
-    adapted = colours is not None and bool(classifier.reference_colours)
+    colours = slide_colours(crops) if adapt else None
+    adapted = classifier.adapts_to(colours)
     return classifier.predict(crops, tta=0, slide_colours=colours), adapted
 
 

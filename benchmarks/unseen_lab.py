@@ -25,7 +25,7 @@ from bccd_transfer import TYPE_CODES, TYPES, load_fields
 from PIL import Image
 
 from wsi_pipeline.learn.evaluate import classification_report
-from wsi_pipeline.model.adapt import colour_moments
+from wsi_pipeline.model.adapt import slide_colours
 from wsi_pipeline.model.classify import Classifier, Prediction
 from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD, certain
 
@@ -79,13 +79,13 @@ def main() -> None:
         args.data, classifier.card.model.fov_um, classifier.card.model.input_size
     )
     # All of BCCD is one lab's stain: one slide, as wsi run would adapt to it.
-    runs = {"unadapted": None, "adapted": colour_moments(crops)}
+    runs = {"unadapted": None, "adapted": slide_colours(crops)}
     results = {
         name: score_prediction(
             classifier.predict(crops, slide_colours=colours), classifier.codes, types, args
         )
         for name, colours in runs.items()
-        if name == "unadapted" or classifier.reference_colours
+        if name == "unadapted" or classifier.adapts_to(colours)
     }
     print(
         json.dumps(

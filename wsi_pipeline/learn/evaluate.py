@@ -23,7 +23,7 @@ from wsi_pipeline.core.files import atomic_path
 from wsi_pipeline.core.taxonomy import TOLERATED_CONFUSIONS
 from wsi_pipeline.learn.calibrate import expected_calibration_error
 from wsi_pipeline.learn.datasets import load_crops, scan_labelled_folder, split_of
-from wsi_pipeline.model.adapt import MIN_CELLS, colour_moments
+from wsi_pipeline.model.adapt import slide_colours
 from wsi_pipeline.model.cards import ClassifierCard, load_card
 from wsi_pipeline.results.counts import certain
 
@@ -272,7 +272,7 @@ def evaluate_folder(
         if not known.any():
             raise InputError(folder, f"no images of the classes of card {card.name!r}")
         crops = load_crops([i.path for i in chosen], card.model.input_size, card.model.fov_um, mpp)
-        colours = colour_moments(crops) if adapt and len(crops) >= MIN_CELLS else None
+        colours = slide_colours(crops) if adapt else None
         prediction = classifier.predict(crops, tta, colours)
         predicted = prediction.probabilities.argmax(1)
         sure = certain(
@@ -286,7 +286,7 @@ def evaluate_folder(
             expected_calibration_error(prediction.probabilities[known], truth[known]), 4
         )
         report["uncertain_share"] = round(float(1 - sure[known].mean()), 4)
-        report["adapted"] = colours is not None and bool(classifier.reference_colours)
+        report["adapted"] = classifier.adapts_to(colours)
         novel = prediction.novelty > 1
         report["novel_share"] = round(float(novel[known].mean()), 4)
         right = predicted[known] == truth[known]

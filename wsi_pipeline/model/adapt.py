@@ -38,6 +38,8 @@ __all__ = [
     "adapted_normalisation",
     "colour_moments",
     "nearest_reference",
+    "references",
+    "slide_colours",
 ]
 
 #: What the store and the cards call the adaptation.
@@ -97,6 +99,17 @@ def colour_moments(
         len(crops),
         source,
     )
+
+
+def slide_colours(crops: NDArray[np.uint8]) -> ColourMoments | None:
+    """The colour moments of one slide's crops, or None under :data:`MIN_CELLS` crops (too
+    few to adapt to)."""
+    return colour_moments(crops) if len(crops) >= MIN_CELLS else None
+
+
+def references(adaptation: dict[str, Any]) -> list[ColourMoments]:
+    """The training labs' moments of a card's ``[adaptation]`` table (empty without one)."""
+    return [ColourMoments.from_dict(t) for t in adaptation.get("references", [])]
 
 
 def nearest_reference(

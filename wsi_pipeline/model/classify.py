@@ -29,7 +29,12 @@ from numpy.typing import NDArray
 
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.prefetch import prefetch
-from wsi_pipeline.model.adapt import ColourMoments, adapted_normalisation, nearest_reference
+from wsi_pipeline.model.adapt import (
+    ColourMoments,
+    adapted_normalisation,
+    nearest_reference,
+    references,
+)
 from wsi_pipeline.model.cards import (
     ClassifierCard,
     build_model,
@@ -161,6 +166,9 @@ class Classifier:
             m.to(self.device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
             for m in models
         ]
+        #: Each training lab's crops' colour moments, the nearest of which a slide's are
+        #: matched to; empty when the card cannot adapt to a slide.
+        self.reference_colours = references(self.card.adaptation)
         self._mean = torch.tensor(self.card.model.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.card.model.std, device=self.device).view(1, 3, 1, 1)
 
@@ -174,11 +182,10 @@ class Classifier:
         """Class codes in the order of the probability columns."""
         return self.card.codes
 
-    @property
-    def reference_colours(self) -> list[ColourMoments]:
-        """Each training lab's crops' colour moments, the nearest of which a slide's are
-        matched to; empty when the card cannot adapt to a slide."""
-        return [ColourMoments.from_dict(t) for t in self.card.adaptation.get("references", [])]
+    def adapts_to(self, slide_colours: ColourMoments | None) -> bool:
+        """Whether :meth:`normalise` moves a slide of these colours (the card records its
+        training labs' colours and the slide's are known)."""
+        return slide_colours is not None and bool(self.reference_colours)
 
     def preprocess(
         self, crops: NDArray[np.uint8], slide_colours: ColourMoments | None = None
@@ -204,10 +211,9 @@ class Classifier:
         the training crops' colours when ``slide_colours`` is given (and the card records
         them)."""
         mean, std = self._mean, self._std
-        reference = (
-            nearest_reference(self.reference_colours, slide_colours) if slide_colours else None
-        )
-        if slide_colours is not None and reference is not None:
+        if slide_colours is not None and self.adapts_to(slide_colours):
+            reference = nearest_reference(self.reference_colours, slide_colours)
+            assert reference is not None  # adapts_to: there are references
             adapted = adapted_normalisation(
                 self.card.model.mean, self.card.model.std, reference, slide_colours
             )

@@ -31,6 +31,7 @@ from wsi_pipeline.model.adapt import (
     ColourMoments,
     colour_moments,
     nearest_reference,
+    references,
 )
 from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
@@ -258,8 +259,7 @@ def _slide_colours(
         reason = f"{len(crops)} cells in {len(sample)} sample tiles; at least {MIN_CELLS} needed"
         return None, {**record, "reason": reason}
     colours = colour_moments(crops)
-    references = [ColourMoments.from_dict(t) for t in card.adaptation["references"]]
-    nearest = nearest_reference(references, colours)
+    nearest = nearest_reference(references(card.adaptation), colours)
     matched = {"matched_to": nearest.source} if nearest else {}
     return colours, {**record, "ran": True, "slide_colours": colours.as_dict(), **matched}
 
