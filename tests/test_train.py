@@ -16,7 +16,9 @@ from wsi_pipeline.learn.augment import augment
 from wsi_pipeline.learn.calibrate import ensemble_probabilities
 from wsi_pipeline.learn.datasets import load_crops
 from wsi_pipeline.learn.evaluate import evaluate_folder
-from wsi_pipeline.learn.train import TrainConfig, lr_at, member_logits, train_classifier
+from wsi_pipeline.learn.export import member_logits
+from wsi_pipeline.learn.loop import lr_at
+from wsi_pipeline.learn.train import TrainConfig, train_classifier
 from wsi_pipeline.model.cards import load_card, save_weights, write_card
 from wsi_pipeline.model.classify import Classifier
 

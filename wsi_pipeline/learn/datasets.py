@@ -14,7 +14,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,8 @@ from wsi_pipeline.core.taxonomy import codes
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "SUBSETS",
+    "LabelledCrops",
     "LabelledImage",
     "estimate_mpp_from_red_cells",
     "folder_mpps",
@@ -60,6 +62,16 @@ class LabelledImage:
     path: Path
     label: str
     group: str
+
+
+@dataclass
+class LabelledCrops:
+    """Crops at a card's input size, their class indices (into the card's codes) and the index
+    of the folder (source) each came from."""
+
+    crops: NDArray[np.uint8]
+    labels: NDArray[np.int64]
+    sources: NDArray[np.int16] = field(default_factory=lambda: np.zeros(0, np.int16))
 
 
 def folder_mpps(
