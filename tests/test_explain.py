@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from wsi_pipeline.model import explain
+from wsi_pipeline.model import explain, mosaics
 
 SIZE = 64
 
@@ -128,38 +128,38 @@ def test_contour_masks_and_mass_inside():
     assert np.isnan(share[2])
 
 
-PANEL_H = SIZE + explain.CAPTION_PX
-PANEL_W = 2 * SIZE + 2 + explain.COLOUR_BAR_PX
+PANEL_H = SIZE + mosaics.CAPTION_PX
+PANEL_W = 2 * SIZE + 2 + mosaics.COLOUR_BAR_PX
 
 
 def test_saliency_panel_shows_crop_map_scale_and_caption(crops):
     yy, xx = np.mgrid[:SIZE, :SIZE]
     saliency = np.exp(-((yy - 20.0) ** 2 + (xx - 40.0) ** 2) / 50).astype(np.float32)
-    panel = explain.saliency_panel(crops[0], saliency, 1234, 0.97)
+    panel = mosaics.saliency_panel(crops[0], saliency, 1234, 0.97)
     assert panel.shape == (PANEL_H, PANEL_W, 3) and panel.dtype == np.uint8
     np.testing.assert_array_equal(panel[:SIZE, :SIZE], crops[0])  # the plain crop
     heat = panel[:SIZE, SIZE + 2 : 2 * SIZE + 2]
     assert heat[20, 40].sum() > heat[60, 60].sum()  # bright where the map peaks
-    np.testing.assert_array_equal(heat[0, 0], explain.heat_colours(np.zeros(1))[0])
+    np.testing.assert_array_equal(heat[0, 0], mosaics.heat_colours(np.zeros(1))[0])
     assert (panel[SIZE:, :SIZE] < 128).any()  # caption under the crop
     bar_x = 2 * SIZE + 4
     assert panel[0, bar_x].sum() > panel[SIZE - 1, bar_x].sum()  # colour bar, high on top
     labels = panel[:SIZE, bar_x + 8 :]
     assert (labels < 128).any()  # its low and high values are written
     # Each map on its own scale: a map 1000 times stronger renders the same crop and map...
-    strong = explain.saliency_panel(crops[0], 1000 * saliency, 1234, 0.97)
+    strong = mosaics.saliency_panel(crops[0], 1000 * saliency, 1234, 0.97)
     np.testing.assert_array_equal(strong[:SIZE, : 2 * SIZE + 2], panel[:SIZE, : 2 * SIZE + 2])
     # ...with other values beside its colour bar, and another caption for another cell.
     assert not np.array_equal(strong[:SIZE, bar_x + 8 :], labels)
-    other = explain.saliency_panel(crops[0], saliency, 7, 0.5)
+    other = mosaics.saliency_panel(crops[0], saliency, 7, 0.5)
     assert not np.array_equal(other[SIZE:], panel[SIZE:])
 
 
 def test_map_range_ignores_a_few_extreme_pixels():
     saliency = np.ones((SIZE, SIZE), np.float32)
     saliency[0, 0] = 1e6
-    assert explain.map_range(saliency) == (0.0, 1.0)
-    assert explain.map_range(np.zeros((4, 4))) == (0.0, 0.0)
+    assert mosaics.map_range(saliency) == (0.0, 1.0)
+    assert mosaics.map_range(np.zeros((4, 4))) == (0.0, 0.0)
 
 
 def test_class_mosaics_tile_panels_by_class(crops):
@@ -167,15 +167,15 @@ def test_class_mosaics_tile_panels_by_class(crops):
     maps[1] = 10.0
     ids, confidence = np.array([10, 11, 12, 13]), np.array([0.9, 0.8, 0.7, 0.6])
     classes = np.array([0, 2, 2, 0])
-    mosaics = explain.class_mosaics(crops, maps, classes, ["A", "B", "C"], ids, confidence)
-    assert list(mosaics) == ["A", "C"]
+    by_class = mosaics.class_mosaics(crops, maps, classes, ["A", "B", "C"], ids, confidence)
+    assert list(by_class) == ["A", "C"]
     gap = 4
-    assert mosaics["A"].shape == (gap + PANEL_H + gap, gap + 2 * (PANEL_W + gap), 3)
-    assert mosaics["C"].dtype == np.uint8
-    second = mosaics["C"][gap : gap + PANEL_H, gap + PANEL_W + gap : gap + 2 * PANEL_W + gap]
-    np.testing.assert_array_equal(second, explain.saliency_panel(crops[2], maps[2], 12, 0.7))
-    one_column = explain.class_mosaics(
+    assert by_class["A"].shape == (gap + PANEL_H + gap, gap + 2 * (PANEL_W + gap), 3)
+    assert by_class["C"].dtype == np.uint8
+    second = by_class["C"][gap : gap + PANEL_H, gap + PANEL_W + gap : gap + 2 * PANEL_W + gap]
+    np.testing.assert_array_equal(second, mosaics.saliency_panel(crops[2], maps[2], 12, 0.7))
+    one_column = mosaics.class_mosaics(
         crops, maps, classes, ["A", "B", "C"], ids, confidence, columns=1
     )
     assert one_column["A"].shape[0] == gap + 2 * (PANEL_H + gap)
-    assert explain.class_mosaics(crops[:0], maps[:0], classes[:0], ["A"], ids[:0], ids[:0]) == {}
+    assert mosaics.class_mosaics(crops[:0], maps[:0], classes[:0], ["A"], ids[:0], ids[:0]) == {}

@@ -22,6 +22,7 @@ from wsi_pipeline.core.errors import SlideError
 from wsi_pipeline.model import explain
 from wsi_pipeline.model.cards import ClassifierCard
 from wsi_pipeline.model.classify import Classifier
+from wsi_pipeline.model.mosaics import class_mosaics
 from wsi_pipeline.results.cells_table import write_cells_parquet
 from wsi_pipeline.results.counts import Differential, differential
 from wsi_pipeline.results.geojson import GeoJSONWriter
@@ -213,7 +214,7 @@ def write_outputs(
             if maps:
                 writer.append_saliency(chosen.index, maps)
             mosaics = {
-                m: explain.class_mosaics(
+                m: class_mosaics(
                     chosen.crops, maps[m], chosen.top, card.codes, chosen.index, chosen.confidence
                 )
                 for m in maps
