@@ -46,7 +46,10 @@ from wsi_pipeline.results.plausibility import (
     range_findings,
     uncertain_findings,
 )
+from wsi_pipeline.results.tally import Tally, tally, wilson_interval
 
+# Tally (the type of every row of a Differential) and wilson_interval (the interval of every
+# share in it) are part of what a differential is, so they are importable from here too.
 __all__ = [
     "DEFAULT_CONFIDENCE_THRESHOLD",
     "BLAST_THRESHOLDS",
@@ -76,69 +79,6 @@ ERYTHROID_GROUPS = ("erythroid",)
 NO_WHITE_CELLS = "no white cells found"
 #: Why a card without a blast class cannot give a blast percentage.
 NO_BLAST_CLASS = "the classifier card has no blast (BLA) class"
-_Z95 = 1.959963984540054
-
-
-def wilson_interval(
-    k: ArrayLike, n: int, z: float = _Z95
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Wilson score interval of the proportion ``k / n``, in percent.
-
-    Parameters
-    ----------
-    k : array_like of int
-        Successes.
-    n : int
-        Trials (> 0).
-    z : float
-        Normal quantile; the default gives a 95 % interval.
-
-    Returns
-    -------
-    low, high : ndarray of float64
-        Bounds in percent, within [0, 100].
-    """
-    if n <= 0:
-        raise ValueError(f"the Wilson interval needs n > 0, got {n}")
-    p = np.asarray(k, dtype=np.float64) / n
-    z2n = z * z / n
-    centre = (p + z2n / 2) / (1 + z2n)
-    half = z / (1 + z2n) * np.sqrt(p * (1 - p) / n + z2n / (4 * n))
-    return np.clip(centre - half, 0, 1) * 100, np.clip(centre + half, 0, 1) * 100
-
-
-@dataclass(frozen=True)
-class Tally:
-    """One row of the differential: a class or a clinical group.
-
-    Attributes
-    ----------
-    key : str
-        Class code or group name.
-    label : str
-        Full class name or group name.
-    group : str
-        Clinical group (the group itself for a group row).
-    count : int or None
-        Cells counted; ``None`` when not assessable.
-    percent : float or None
-        Share of the countable cells; ``None`` when not assessable or when nothing was countable.
-    ci95 : tuple of float or None
-        95 % Wilson interval of ``percent``.
-    assessable : bool
-        Whether the card can recognise (at least part of) this row.
-    missing : tuple of str
-        For a group, the member classes the card lacks.
-    """
-
-    key: str
-    label: str
-    group: str
-    count: int | None
-    percent: float | None
-    ci95: tuple[float, float] | None
-    assessable: bool
-    missing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -237,24 +177,6 @@ class Differential:
         out["min_cells"] = self.min_cells
         out["adequate"] = self.adequate
         return out
-
-
-def _tally(
-    key: str,
-    label: str,
-    group: str,
-    count: int,
-    denominator: int,
-    assessable: bool,
-    missing: tuple[str, ...] = (),
-) -> Tally:
-    if not assessable:
-        return Tally(key, label, group, None, None, None, False, missing)
-    if denominator == 0:
-        return Tally(key, label, group, count, None, None, True, missing)
-    low, high = wilson_interval(count, denominator)
-    ci95 = (float(low), float(high))
-    return Tally(key, label, group, count, 100 * count / denominator, ci95, True, missing)
 
 
 def _validated_codes(
@@ -427,11 +349,11 @@ def differential(
     total = int(codes.size)
 
     classes = tuple(
-        _tally(c.code, c.name, c.group, per_code.get(c.code, 0), countable, c.code in known)
+        tally(c.code, c.name, c.group, per_code.get(c.code, 0), countable, c.code in known)
         for c in counted
     )
     not_counted = tuple(
-        _tally(c.code, c.name, c.group, per_code.get(c.code, 0), total, c.code in known)
+        tally(c.code, c.name, c.group, per_code.get(c.code, 0), total, c.code in known)
         for c in CLASSES
         if not c.counted
     )
@@ -440,13 +362,13 @@ def differential(
         members = [c.code for c in counted if c.group == group]
         missing = tuple(m for m in members if m not in known)
         count = sum(per_code.get(m, 0) for m in members)
-        groups[group] = _tally(
+        groups[group] = tally(
             group, group, group, count, countable, len(missing) < len(members), missing
         )
 
     me_ratio, me_findings = _me_ratio(groups, specimen)
     uncertain = int(total - confident.sum())
-    uncertain_share = _tally("uncertain", "uncertain", "", uncertain, total, True)
+    uncertain_share = tally("uncertain", "uncertain", "", uncertain, total, True)
     result = Differential(
         classes=classes,
         groups=tuple(groups.values()),

@@ -51,10 +51,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from wsi_pipeline.results.counts import Tally
+from wsi_pipeline.results.tally import Tally
 
 __all__ = [
     "FAR_MARGIN",
