@@ -18,7 +18,7 @@ from wsi_pipeline.core.schema import (
     field_names,
 )
 from wsi_pipeline.results.geojson import GeoJSONWriter
-from wsi_pipeline.results.store import ResultWriter
+from wsi_pipeline.results.store_writer import ResultWriter
 
 CODES = ("LYT", "NGS", "EOS")
 ATTRS = {"slide": {"path": "s.svs"}, "classifier": {"name": "t"}, "parameters": {}}

@@ -15,12 +15,8 @@ import zarr
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.schema import field_names
 from wsi_pipeline.results.counts import differential
-from wsi_pipeline.results.store import (
-    FLUSH_CELLS,
-    ResultWriter,
-    format_summary,
-    read_summary,
-)
+from wsi_pipeline.results.store import format_summary, read_summary
+from wsi_pipeline.results.store_writer import FLUSH_CELLS, ResultWriter
 
 CODES = ("BLA", "EBO", "LYT", "NGS")
 CROP = 16
@@ -121,7 +117,7 @@ KILLED_WRITER = """
 import sys, time, numpy as np
 sys.path.insert(0, {tests!r})
 from test_store import ATTRS, CODES, CROP, cell_batch
-from wsi_pipeline.results.store import ResultWriter
+from wsi_pipeline.results.store_writer import ResultWriter
 writer = ResultWriter({out!r}, "demo", CODES, CROP, ATTRS)
 writer.append_cells(cell_batch(10, 0), np.zeros((10, CROP, CROP, 3), np.uint8))
 print("written", flush=True)

@@ -28,7 +28,7 @@ from wsi_pipeline.results.counts import Differential, differential
 from wsi_pipeline.results.geojson import GeoJSONWriter
 from wsi_pipeline.results.plausibility import Finding
 from wsi_pipeline.results.report import write_report
-from wsi_pipeline.results.store import ResultWriter
+from wsi_pipeline.results.store_writer import ResultWriter
 from wsi_pipeline.run.options import RunOptions
 from wsi_pipeline.run.stages import SlidePlan, TileCells, stage_timer, unreadable_warning
 from wsi_pipeline.run.tuning import lower_own_priority
