@@ -8,13 +8,13 @@ import tomllib
 import pytest
 import torch
 
+from wsi_pipeline.core.toml_writer import dump_toml
 from wsi_pipeline.image.slide import file_sha256
 from wsi_pipeline.model.cards import (
     CardError,
     ModelSpec,
     WeightsFile,
     build_model,
-    dump_toml,
     list_cards,
     load_card,
     load_state_dicts,
