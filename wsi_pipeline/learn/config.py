@@ -49,10 +49,11 @@ class TrainConfig:
         call the rarer of two look-alike classes, eosinophils for neutrophils, far too often).
     distill : float
         When fine-tuning, weight of the parent's own answers on each batch (learning without
-        forgetting, Li and Hoiem 2017): the KL divergence, at temperature ``DISTILL_T``, of the
-        network's probabilities from the frozen parent's is added to the loss, so classes a
-        lab's few corrections never show keep what the parent knew of them. 0 turns it off;
-        it is off too when the template's class list differs from the parent's.
+        forgetting, Li and Hoiem 2017): the KL divergence, at temperature
+        :data:`~wsi_pipeline.learn.loop.DISTILL_T`, of the network's probabilities from the
+        frozen parent's is added to the loss, so classes a lab's few corrections never show
+        keep what the parent knew of them. 0 turns it off; it is off too when the template's
+        class list differs from the parent's.
     seed : int
     device : str
         "auto" (CUDA when present), "cpu" or "cuda".
