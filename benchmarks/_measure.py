@@ -1,11 +1,15 @@
-"""Measuring helpers of ``benchmarks/run.py``: phases in subprocesses, readers, machine facts.
+"""Helpers shared by the benchmark scripts: arguments and output, phases in subprocesses,
+readers, machine facts.
 
-Each measured phase runs in a fresh interpreter so that its peak resident memory
+Every script takes ``--smoke`` (its smallest input, run in seconds by ``tests/test_benchmarks.py``)
+and ``--out FILE`` (the JSON document it prints, also written there): :func:`parse_arguments`,
+:func:`emit`. Each measured phase runs in a fresh interpreter so that its peak resident memory
 (``getrusage(RUSAGE_SELF).ru_maxrss``) is its own; the child prints one JSON line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,7 +17,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,10 +27,65 @@ import numpy as np
 import tifffile
 
 Pair = tuple[int, int]
+#: Real data beside the checkout (or ``$WSI_SHARED_DATA``), as the tests find it.
+SHARED_DATA = Path(
+    os.environ.get("WSI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 PACKAGES = (
     "wsi-pipeline", "torch", "timm", "tiatoolbox", "openslide-python", "openslide-bin",
     "tifffile", "numpy", "scikit-image", "zarr", "dask", "pillow",
 )  # fmt: skip
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, smoke: dict[str, object]
+) -> argparse.Namespace:
+    """Add ``--smoke`` and ``--out`` to a script's parser and parse its arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The script's parser, with its own arguments.
+    argv : sequence of str, optional
+        The arguments; ``sys.argv[1:]`` when None.
+    smoke : dict
+        The defaults ``--smoke`` puts in place (by argument destination): the script's smallest
+        input. Arguments given explicitly still win.
+
+    Returns
+    -------
+    argparse.Namespace
+    """
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest input, in seconds: checks the script runs, measures nothing",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**smoke)
+    return parser.parse_args(argv)
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print a script's JSON document, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+
+
+def bare_loop(models: list, batches: list) -> None:
+    """Every network of an ensemble over every batch: the work, without the classifier around
+    it (synchronised on a GPU)."""
+    import torch
+
+    with torch.inference_mode():
+        for batch in batches:
+            for model in models:
+                model(batch)
+    if batches[0].is_cuda:
+        torch.cuda.synchronize()
 
 
 def peak_rss_mb() -> float:

@@ -31,8 +31,8 @@ is over the types with at least ``--min-support`` pooled cells: BCCD has one bas
 which no split can score. ``corrected`` counts the reviewed cells whose class changed or that
 were added; ``reviewed`` counts all (summed over folds in the pooled rows).
 
-Usage: ``python benchmarks/bccd_transfer.py [--data DIR] [--out DIR] [--plot PNG]``; prints
-one JSON document.
+Usage: ``python benchmarks/bccd_transfer.py [--data DIR] [--work DIR] [--plot PNG]
+[--out FILE.json] [--smoke]``; prints one JSON document.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import zarr
+from _measure import SHARED_DATA, emit, parse_arguments
 from PIL import Image
 
 from wsi_pipeline.core.taxonomy import cell_class
@@ -61,7 +62,6 @@ from wsi_pipeline.learn.evaluate import classification_report
 from wsi_pipeline.model.cards import resolve_card
 from wsi_pipeline.model.classify import Classifier
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TYPES = ("BASOPHIL", "EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 #: The card's classes that make up each BCCD type; the first is the expert's label.
@@ -374,26 +374,33 @@ def run_fold(
     return found, counts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "bccd")
-    parser.add_argument("--out", type=Path, default=None, help="keep the work here")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "bccd")
+    parser.add_argument("--work", type=Path, default=None, help="keep the work here")
     parser.add_argument("--reviewed", type=int, nargs="+", default=[25, 50, 100, 200])
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument(
-        "--marrow", type=Path, default=REPO.parent / "shared" / "data" / "mll", help="MLL crops"
+        "--run-folds", type=int, default=None, help="run only the first K folds (default: all)"
     )
+    parser.add_argument("--limit", type=int, default=None, help="only the first N typed images")
+    parser.add_argument("--marrow", type=Path, default=SHARED_DATA / "mll", help="MLL crops")
     parser.add_argument("--presentations", type=int, default=1200)
     parser.add_argument("--distill", type=float, default=1.0, help="wsi train --distill")
     parser.add_argument("--min-support", type=int, default=5)
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args()
+    smoke = {"limit": 12, "folds": 2, "run_folds": 1, "reviewed": [10], "presentations": 16}
+    args = parse_arguments(parser, argv, smoke)
 
     started = time.perf_counter()
-    work = args.out or Path(tempfile.mkdtemp(prefix="bccd-transfer-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bccd-transfer-"))
     fields, mpp = load_fields(args.data)
+    fields = fields[: args.limit]
     folds = assign_folds(fields, args.folds, seed=0)
-    per_fold = [run_fold(k, fields, folds, mpp, work / f"fold{k}", args) for k in range(args.folds)]
+    per_fold = [
+        run_fold(k, fields, folds, mpp, work / f"fold{k}", args)
+        for k in range(args.folds)[: args.run_folds]
+    ]
 
     def pooled(key) -> dict:
         truth = np.concatenate([found[key][0] for found, _ in per_fold])
@@ -416,29 +423,27 @@ def main() -> None:
     parent = {**pooled("parent"), "retained_recall": retained_recall("default", args.marrow)}
     if args.plot:
         plot(curve, parent, args.plot)
-    print(
-        json.dumps(
-            {
-                "estimated_mpp": round(mpp, 4),
-                "images": len(fields),
-                "white_cells": int(sum(len(f.boxes) for f in fields)),
-                "folds": args.folds,
-                "parent": parent,
-                "curve": curve,
-                "fine_tuning": {
-                    "lr": 3e-4,
-                    "batch_size": 16,
-                    "presentations": args.presentations,
-                    "val_fraction": 0.2,
-                    "init": "default",
-                    "distill": args.distill,
-                },
-                "seconds": round(time.perf_counter() - started, 1),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "estimated_mpp": round(mpp, 4),
+        "images": len(fields),
+        "white_cells": int(sum(len(f.boxes) for f in fields)),
+        "folds": args.folds,
+        "folds_run": len(per_fold),
+        "parent": parent,
+        "curve": curve,
+        "fine_tuning": {
+            "lr": 3e-4,
+            "batch_size": 16,
+            "presentations": args.presentations,
+            "val_fraction": 0.2,
+            "init": "default",
+            "distill": args.distill,
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    emit(result, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

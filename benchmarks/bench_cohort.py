@@ -5,17 +5,19 @@ and the speed-up of 2 workers over 1. The slides are synthetic smears generated 
 folder; every run writes into a fresh output folder so nothing is reused.
 
     python benchmarks/bench_cohort.py [--slides 6] [--size 4000 3000] [--workers 1 2]
+        [--out FILE.json] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from _measure import emit, parse_arguments
 
 from wsi_pipeline.run.cluster import dask_client, load_workflow
 from wsi_pipeline.run.folder import run_cohort
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=(1, 2))
     parser.add_argument("--classifier", default="synthetic-demo")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/wsi-pipeline/bench")
-    args = parser.parse_args(argv)
+    smoke = {"slides": 1, "size": (1500, 1000), "workers": (1,)}
+    args = parse_arguments(parser, argv, smoke)
 
     slides = standard_slides(args.cache, args.slides, tuple(args.size))
     # Saliency is a fixed cost per slide, measured by benchmarks/run.py; leave it out here.
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "speed_up": round(runs[-1]["slides_per_minute"] / runs[0]["slides_per_minute"], 2),
     }
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
     return 0
 
 

@@ -4,7 +4,8 @@ Each size runs in its own subprocess (so peak RSS is that run's own): write a sy
 then stream its tiles through ``detect_cells`` keeping only owned cells, and match the cells to
 the ground truth within half a cell diameter. Prints one JSON document.
 
-Usage: ``python benchmarks/bench_detect.py [--sizes 4000 12000] [--seeds 0 1 2]``
+Usage: ``python benchmarks/bench_detect.py [--sizes 4000 12000] [--seeds 0 1 2]
+[--out FILE.json] [--smoke]``
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _measure import emit, parse_arguments
 
 from wsi_pipeline.image.detect import DetectedCells, detect_cells, slide_params
 from wsi_pipeline.image.slide import open_slide
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--one", type=int, nargs=2, metavar=("SIZE", "SEED"), help=argparse.SUPPRESS
     )
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv, {"sizes": [1500, 3000], "seeds": [0]})
     if args.one:
         print(json.dumps(run_one(*args.one)))
         return 0
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "area_ratio_large_to_small": (large / small) ** 2,
         "runs": runs,
     }
-    print(json.dumps(report, indent=2))
+    emit(report, args.out)
     return 0
 
 

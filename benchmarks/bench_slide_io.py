@@ -9,8 +9,8 @@ set of 1024 x 1024 level-0 regions three ways:
 ``openslide.OpenSlide.read_region``, and tifffile decoding the JPEG tiles that cover each
 region. The page cache is warmed first so every reader sees the same disk state.
 
-Usage: ``python benchmarks/bench_slide_io.py [--size 20000] [--sizes 5000 10000] [--regions 24]``;
-prints one JSON document.
+Usage: ``python benchmarks/bench_slide_io.py [--size 20000] [--sizes 5000 10000] [--regions 24]
+[--out FILE.json] [--smoke]``; prints one JSON document.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-from _measure import tifffile_region_reader
+from _measure import emit, parse_arguments, tifffile_region_reader
 
 from wsi_pipeline.image.slide import open_slide
 
@@ -113,14 +113,14 @@ def read_back(path: Path, size: int, count: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=20000, help="edge of the read-back slide")
     parser.add_argument(
         "--sizes", type=int, nargs="*", default=None, help="more edges for the memory check"
     )
     parser.add_argument("--regions", type=int, default=24, help="1024 px regions to read")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv, {"size": 2048, "sizes": [1536], "regions": 2})
     sizes = sorted({args.size, *(args.sizes if args.sizes is not None else [args.size // 4])})
     with tempfile.TemporaryDirectory(prefix="bench-slide-io-") as folder:
         writes = [write_in_subprocess(Path(folder) / f"synth-{s}.svs", s) for s in sizes]
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
             "width_ratio_large_small": round(large["size"][0] / small["size"][0], 1),
             "read": read_back(Path(folder) / f"synth-{args.size}.svs", args.size, args.regions),
         }
-    print(json.dumps(result, indent=2))
-    return result
+    emit(result, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,20 +7,18 @@ processes hits them alike; the median round is reported, with each card's rate a
 first card's.
 
 Usage: ``python benchmarks/classifier_speed.py --card OLD --card NEW [--n 512] [--rounds 5]
-[--out FILE.json]``
+[--out FILE.json] [--smoke]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import machine, ratio, versions
+from _measure import emit, machine, parse_arguments, ratio, versions
 
 from wsi_pipeline.model.classify import Classifier
 
@@ -32,13 +30,14 @@ def cells_per_second(classifier: Classifier, crops: np.ndarray) -> float:
     return len(crops) / (time.perf_counter() - started)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--card", action="append", required=True, help="card name or path")
+    parser.add_argument("--card", action="append", help="card name or path (repeat: 1 or more)")
     parser.add_argument("--n", type=int, default=512, help="crops per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv, {"card": ["synthetic-demo"], "n": 8, "rounds": 1})
+    if not args.card:
+        parser.error("give at least one --card")
 
     classifiers = [Classifier(card, device="cpu") for card in args.card]
     rng = np.random.default_rng(0)
@@ -67,11 +66,9 @@ def main() -> None:
         "machine": machine(),
         "versions": versions(),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit(result, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

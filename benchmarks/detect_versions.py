@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _measure import emit, parse_arguments
+
 REPO = Path(__file__).resolve().parents[1]
 TILE_MPP, TILE_SIZE, OVERLAP_UM = 1 / 3, 1024, 48.0
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=6000, help="synthetic slide side, pixels")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv, {"size": 1500, "rounds": 1})
     if args.one:
         print(json.dumps(time_detection(args.one)))
         return 0
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "head_vs_base": round(best["head"] / best["base"], 3),
         "runs": runs,
     }
-    print(json.dumps(report, indent=2))
+    emit(report, args.out)
     return 0
 
 

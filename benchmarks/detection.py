@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+from _measure import emit, parse_arguments
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
@@ -362,18 +362,20 @@ def main(argv: list[str] | None = None) -> int:
     names = [*sorted(SETS), "marrow", "not_cells", "synthetic"]
     parser.add_argument("--sets", nargs="+", choices=names, default=names)
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set")
-    args = parser.parse_args(argv)
+    parser.add_argument("--per-class", type=int, default=100, help="marrow crops per class")
+    parser.add_argument("--synthetic-slides", type=int, default=8, help="synthetic slides")
+    smoke = {"limit": 2, "per_class": 2, "synthetic_slides": 1}
+    args = parse_arguments(parser, argv, smoke)
     special = {
-        "synthetic": evaluate_synthetic,
-        "marrow": lambda: evaluate_marrow_crops(args.data),
+        "synthetic": lambda: evaluate_synthetic(range(args.synthetic_slides)),
+        "marrow": lambda: evaluate_marrow_crops(args.data, args.per_class),
         "not_cells": lambda: evaluate_not_cells(args.data, args.limit),
     }
     result = {
         name: special[name]() if name in special else evaluate(args.data, name, limit=args.limit)
         for name in args.sets
     }
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    emit(result, args.out)
     return 0
 
 

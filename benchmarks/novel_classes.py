@@ -29,7 +29,7 @@ class the card lacks, always wrongly (``confident_wrong``).
 
 Prints one JSON document (and writes it to ``--out``). Usage: ``python
 benchmarks/novel_classes.py --card CARD [--reference-card CARD2] [--left-out CODE ...]
-[--adapt | --no-adapt] [--segpc DIR] [--limit N] [--out FILE.json]``
+[--adapt | --no-adapt] [--segpc DIR] [--limit N] [--out FILE.json] [--smoke]``
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import shapely
+from _measure import SHARED_DATA, emit, parse_arguments
 from numpy.typing import NDArray
 from PIL import Image
 from unseen_lab import _crop
@@ -410,7 +411,7 @@ def _reference_known(
 # --- main -----------------------------------------------------------------------------------
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--card", default="default", help="card name or path")
     parser.add_argument("--reference-card", default=None, help="e.g. the card with every class")
@@ -428,12 +429,9 @@ def main() -> None:
         default=True,
         help="adapt each slide to its colours (default: on)",
     )
-    parser.add_argument(
-        "--segpc", type=Path, default=REPO.parent / "shared" / "data" / "segpc-train"
-    )
+    parser.add_argument("--segpc", type=Path, default=SHARED_DATA / "segpc-train")
     parser.add_argument("--limit", type=int, default=None, help="read only N SegPC fields")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv, {"card": "synthetic-demo", "limit": 2})
 
     started = time.perf_counter()
     classifier = Classifier(args.card, device="cpu")
@@ -456,11 +454,9 @@ def main() -> None:
             classifier, args.left_out, args.adapt, reference
         )
     result["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit(result, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,18 +16,19 @@ card, without tuning anything to the result:
 * **another unseen lab**: the 350 Raabin-WBC smear photographs (magenta-toned Giemsa, Iran),
   counted the same way; they carry no white-cell types, so only the findings are reported.
 
-Prints one JSON document. Usage: ``python benchmarks/plausibility.py [--card default]``
+Prints one JSON document. Usage: ``python benchmarks/plausibility.py [--card default]
+[--per-class 60] [--limit N] [--out FILE.json] [--smoke]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _measure import SHARED_DATA, emit, parse_arguments
 from bccd_transfer import TYPES, count, load_fields, write_image_mosaic
 
 from wsi_pipeline.learn.datasets import load_crops, scan_labelled_folder, split_of
@@ -36,8 +37,6 @@ from wsi_pipeline.results.counts import certain, wilson_interval
 from wsi_pipeline.results.plausibility import uncertain_findings
 from wsi_pipeline.results.store import read_summary
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 #: Known labs: folder, specimen, µm per pixel (as the default card's training recorded them).
 KNOWN = {"mll": ("marrow", 0.106), "pbc": ("blood", 0.100)}
 #: Raabin-WBC's pixel size, from its red cells (``../shared/data/README.md``).
@@ -94,9 +93,10 @@ def unseen_lab(card: str, images: list[Path], mpp: float, workdir: Path) -> dict
     }
 
 
-def unseen_bccd(card: str, data: Path, workdir: Path) -> dict:
-    """Every typed BCCD image, beside the mix its labels give."""
+def unseen_bccd(card: str, data: Path, workdir: Path, limit: int | None = None) -> dict:
+    """Every typed BCCD image (the first ``limit``), beside the mix its labels give."""
     fields, mpp = load_fields(data)
+    fields = fields[:limit]
     images = [data / "JPEGImages" / f"{f.name}.jpg" for f in fields]
     expected = np.bincount([f.type for f in fields for _ in f.boxes], minlength=len(TYPES))
     return {
@@ -107,27 +107,32 @@ def unseen_bccd(card: str, data: Path, workdir: Path) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--card", default="default")
     parser.add_argument("--per-class", type=int, default=60)
-    args = parser.parse_args()
+    parser.add_argument("--limit", type=int, default=None, help="first N images of each unseen lab")
+    smoke = {"card": "synthetic-demo", "per_class": 2, "limit": 4}
+    args = parse_arguments(parser, argv, smoke)
     started = time.perf_counter()
     classifier = Classifier(args.card, device="cpu")
     result: dict = {"card": classifier.card.name}
     for name, (specimen, mpp) in KNOWN.items():
         result[f"known_{name}"] = {
             "specimen": specimen,
-            **known_lab(classifier, DATA / name, mpp, args.per_class),
+            **known_lab(classifier, SHARED_DATA / name, mpp, args.per_class),
         }
     with tempfile.TemporaryDirectory() as workdir:
-        result["unseen_bccd"] = unseen_bccd(args.card, DATA / "bccd", Path(workdir))
+        result["unseen_bccd"] = unseen_bccd(
+            args.card, SHARED_DATA / "bccd", Path(workdir), args.limit
+        )
     with tempfile.TemporaryDirectory() as workdir:
-        images = sorted((DATA / "raabin-train" / "images").glob("*.jpg"))
+        images = sorted((SHARED_DATA / "raabin-train" / "images").glob("*.jpg"))[: args.limit]
         result["unseen_raabin"] = unseen_lab(args.card, images, RAABIN_MPP, Path(workdir))
     result["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -23,8 +23,9 @@ seed, then measures, each phase in its own subprocess so its peak RSS is its own
 Prints one JSON document with seconds, megapixels or cells per second, peak RSS, the ratios of
 issue 7 and their aims, the machine and the versions. Megapixels are level-0 pixels.
 
-Usage: ``python benchmarks/run.py [--sizes 20000 60000] [--cache DIR] [--classifier NAME]``
-(about 8 min on 2 cores the first time, 1 GB of cached slides; 5.5 min once they are cached)
+Usage: ``python benchmarks/run.py [--sizes 20000 60000] [--cache DIR] [--classifier NAME]
+[--out FILE.json] [--smoke]`` (about 8 min on 2 cores the first time, 1 GB of cached slides;
+5.5 min once they are cached)
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ from pathlib import Path
 import numpy as np
 from _measure import (
     Stopwatch,
+    bare_loop,
+    emit,
     machine,
     memory,
+    parse_arguments,
     peak_rss_mb,
     rate,
     ratio,
@@ -198,18 +202,6 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(stream.name, path)
 
 
-def _bare_loop(models: list, batches: list) -> None:
-    """Every network of the ensemble over every batch: the work, without the wrapper."""
-    import torch
-
-    with torch.inference_mode():
-        for batch in batches:
-            for model in models:
-                model(batch)
-    if batches[0].is_cuda:
-        torch.cuda.synchronize()
-
-
 def tiatoolbox_predictor(classifier):
     """TIAToolbox ``PatchPredictor`` around the classifier's own networks (nothing downloaded).
 
@@ -296,7 +288,7 @@ def phase_classify(card: str, crops: str, device: str, batch_size: int | None, r
 
     ways = {
         "wsi_pipeline": wsi_pipeline,
-        "bare_loop": lambda: _bare_loop(classifier.models, batches),
+        "bare_loop": lambda: bare_loop(classifier.models, batches),
         "tiatoolbox": tiatoolbox,
     }
     for way in ways.values():  # warm-up round, not timed
@@ -620,7 +612,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--arguments", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    smoke = {"sizes": [1500, 4500], "read_tiles": 2, "crops": 16, "rounds": 1, "saliency_sizes": []}
+    args = parse_arguments(parser, argv, smoke)
     small, large = args.sizes
     if not 0 < small < large or (large / small) ** 2 < 9:
         parser.error(f"--sizes {small} {large}: need 0 < SMALL < LARGE with LARGE >= 3 x SMALL")
@@ -634,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase:
         print(json.dumps(PHASES[args.phase](**json.loads(args.arguments))))
         return 0
-    print(json.dumps(measure(args), indent=2))
+    emit(measure(args), args.out)
     return 0
 
 

@@ -16,10 +16,11 @@ On the first ``--per-class`` crops of every class of the MLL folder, cut as the 
   ran it) and the new one (as ``explain_cells`` runs it now), each in a fresh interpreter
   (``_measure.run_phase``), median of ``--rounds`` after a warm-up.
 
-Writes ``benchmarks/saliency.json`` (or ``--out``) and prints it.
+Writes ``benchmarks/saliency.json`` (or ``--out``; ``--smoke`` writes nothing unless given
+``--out``) and prints it.
 
-Usage: ``python benchmarks/saliency.py [--mll ../shared/data/mll] [--per-class 20]``
-(about 4 min on 2 cores)
+Usage: ``python benchmarks/saliency.py [--mll ../shared/data/mll] [--per-class 20]
+[--out FILE.json] [--smoke]`` (about 4 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -34,12 +35,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import machine, memory, peak_rss_mb, rate, run_phase, versions
+from _measure import (
+    SHARED_DATA,
+    emit,
+    machine,
+    memory,
+    parse_arguments,
+    peak_rss_mb,
+    rate,
+    run_phase,
+    versions,
+)
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk, opening
 
-MLL = Path(__file__).resolve().parents[2] / "shared" / "data" / "mll"
+MLL = SHARED_DATA / "mll"
 MLL_MPP = 0.106  # the folder's pixel size (see its README)
 STAGES = (-1, -2, -3, -4)
 
@@ -233,10 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=20, help="crops per class for quality")
     parser.add_argument("--speed-per-class", type=int, default=4, help="crops per class, speed")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("saliency.json"))
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--arguments", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.set_defaults(out=Path(__file__).with_name("saliency.json"))
+    smoke = {
+        "card": "synthetic-demo",
+        "per_class": 1,
+        "speed_per_class": 1,
+        "rounds": 1,
+        "out": None,
+    }
+    args = parse_arguments(parser, argv, smoke)
     if args.phase:
         print(json.dumps(PHASES[args.phase](**json.loads(args.arguments))))
         return 0
@@ -262,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "versions": versions(),
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    emit(report, args.out)
     return 0
 
 

@@ -5,16 +5,19 @@ explained cell of a result store this prints, per method, the share of the salie
 the detected cell contour, next to the share of the crop that contour covers (what a map with no
 preference would give), as one JSON document.
 
-    python benchmarks/saliency_inside.py OUT/slide.zarr
+    python benchmarks/saliency_inside.py OUT/slide.zarr [--out FILE.json]
+    python benchmarks/saliency_inside.py --smoke   # a tiny synthetic slide, run here first
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import zarr
+from _measure import emit, parse_arguments
 
 from wsi_pipeline.model.explain import contour_masks, saliency_share_inside
 from wsi_pipeline.results.store import read_summary
@@ -52,10 +55,28 @@ def saliency_inside(store: str) -> dict:
     return result
 
 
+def smoke_store(folder: Path) -> str:
+    """The store of a tiny synthetic slide run here with the small ``synthetic-demo`` card."""
+    from wsi_pipeline.image.slide import open_slide
+    from wsi_pipeline.run.local import run_slide
+    from wsi_pipeline.run.options import RunOptions
+    from wsi_pipeline.synth.smear import write_synthetic_slide
+
+    path = folder / "smoke.svs"
+    write_synthetic_slide(path, size=(1500, 1000), seed=0)
+    options = RunOptions(classifier="synthetic-demo", device="cpu", region="all", saliency_cells=1)
+    with open_slide(path) as slide:
+        return str(run_slide(slide, folder / "out", options, progress=False).store)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("store", help="a complete <slide-stem>.zarr with saliency")
-    print(json.dumps(saliency_inside(parser.parse_args(argv).store), indent=2))
+    parser.add_argument("store", nargs="?", help="a complete <slide-stem>.zarr with saliency")
+    args = parse_arguments(parser, argv, {})
+    if args.store is None and not args.smoke:
+        parser.error("give a store (or --smoke)")
+    with tempfile.TemporaryDirectory(prefix="saliency-inside-") as folder:
+        emit(saliency_inside(args.store or smoke_store(Path(folder))), args.out)
     return 0
 
 

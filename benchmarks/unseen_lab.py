@@ -10,17 +10,18 @@ of the others. Every cell is scored twice, as it comes (``unadapted``) and with 
 adapted to BCCD as one slide (``adapted``: its crops' colour moments matched to the card's
 training crops'), when the card records its training colours.
 
-Prints one JSON document. Usage: ``python benchmarks/unseen_lab.py [--card default]``
+Prints one JSON document. Usage: ``python benchmarks/unseen_lab.py [--card default]
+[--limit N] [--out FILE.json] [--smoke]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from _measure import SHARED_DATA, emit, parse_arguments
 from bccd_transfer import TYPE_CODES, TYPES, load_fields
 from PIL import Image
 
@@ -29,7 +30,6 @@ from wsi_pipeline.model.adapt import slide_colours
 from wsi_pipeline.model.classify import Classifier, Prediction
 from wsi_pipeline.results.counts import DEFAULT_CONFIDENCE_THRESHOLD, certain
 
-REPO = Path(__file__).resolve().parents[1]
 OTHER = len(TYPES)  # any class outside the five groups
 
 
@@ -45,10 +45,13 @@ def _crop(image: np.ndarray, centre: tuple[float, float], side: int, size: int) 
     return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
-def load_cells(data: Path, fov_um: float, size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Crops of the typed white-cell boxes of BCCD, their type indices and the estimated
-    microns per pixel."""
+def load_cells(
+    data: Path, fov_um: float, size: int, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Crops of the typed white-cell boxes of BCCD (of its first ``limit`` typed images), their
+    type indices and the estimated microns per pixel."""
     fields, mpp = load_fields(data)
+    fields = fields[:limit]
     side = round(fov_um / mpp)
     crops, types = [], []
     for field in fields:
@@ -65,19 +68,19 @@ def group_of_codes(codes: tuple[str, ...]) -> np.ndarray:
     return np.array([group.get(code, OTHER) for code in codes])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "bccd")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "bccd")
     parser.add_argument("--card", default="default")
     parser.add_argument("--min-confidence", type=float, default=DEFAULT_CONFIDENCE_THRESHOLD)
     parser.add_argument("--min-agreement", type=float, default=1.0)
-    args = parser.parse_args()
+    parser.add_argument("--limit", type=int, default=None, help="only the first N typed images")
+    args = parse_arguments(parser, argv, {"card": "synthetic-demo", "limit": 8})
 
     started = time.perf_counter()
     classifier = Classifier(args.card, device="cpu")
-    crops, types, mpp = load_cells(
-        args.data, classifier.card.model.fov_um, classifier.card.model.input_size
-    )
+    model = classifier.card.model
+    crops, types, mpp = load_cells(args.data, model.fov_um, model.input_size, args.limit)
     # All of BCCD is one lab's stain: one slide, as wsi run would adapt to it.
     runs = {"unadapted": None, "adapted": slide_colours(crops)}
     results = {
@@ -87,21 +90,18 @@ def main() -> None:
         for name, colours in runs.items()
         if name == "unadapted" or classifier.adapts_to(colours)
     }
-    print(
-        json.dumps(
-            {
-                "card": classifier.card.name,
-                "data": str(args.data),
-                "estimated_mpp": round(mpp, 4),
-                "cells_per_type": {t: int((types == i).sum()) for i, t in enumerate(TYPES)},
-                **results,
-                "min_confidence": args.min_confidence,
-                "min_agreement": args.min_agreement,
-                "seconds": round(time.perf_counter() - started, 1),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "card": classifier.card.name,
+        "data": str(args.data),
+        "estimated_mpp": round(mpp, 4),
+        "cells_per_type": {t: int((types == i).sum()) for i, t in enumerate(TYPES)},
+        **results,
+        "min_confidence": args.min_confidence,
+        "min_agreement": args.min_agreement,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    emit(result, args.out)
+    return 0
 
 
 def score_prediction(
@@ -141,4 +141,4 @@ def score_prediction(
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
