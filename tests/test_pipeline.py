@@ -164,6 +164,8 @@ def test_inspect_prints_the_summary_as_json(synthetic_run):
     summary = json.loads(shown.stdout)
     assert summary["status"] == "complete"
     assert summary["classifier"]["name"] == "synthetic-demo"
+    # --backend auto on a CPU: what ran is recorded, not what was asked for.
+    assert summary["inference"] == {"backend": "onnxruntime", "device": "cpu"}
     counts = summary["counts"]
     for key in ("classes", "groups", "me_ratio", "blast_percent", "findings", "adequate"):
         assert key in counts

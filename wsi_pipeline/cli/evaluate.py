@@ -8,7 +8,12 @@ from pathlib import Path
 import click
 
 from wsi_pipeline.cli.errors import Command
-from wsi_pipeline.cli.options import adapt_option, device_option, image_mpp_option
+from wsi_pipeline.cli.options import (
+    adapt_option,
+    backend_option,
+    device_option,
+    image_mpp_option,
+)
 
 __all__ = ["evaluate"]
 
@@ -38,6 +43,7 @@ __all__ = ["evaluate"]
     help="Write confusion matrices (CSV and PNG) here.",
 )
 @device_option()
+@backend_option()
 @click.option("--tta", type=click.IntRange(0, 8), default=0, show_default=True)
 @adapt_option("the folder, as one slide: its images'")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from wsi_pipeline.cli.errors import BadInput, Command
-from wsi_pipeline.cli.options import Fraction, adapt_option, device_option
+from wsi_pipeline.cli.options import Fraction, adapt_option, backend_option, device_option
 from wsi_pipeline.core.errors import InputError
 from wsi_pipeline.core.files import exclusive_folder
 from wsi_pipeline.results.plausibility import SPECIMENS, counted_noun
@@ -74,6 +74,7 @@ def _cells_per_class(ctx: click.Context, param: click.Parameter, value: str) -> 
     help="Level-0 microns per pixel, for slides that do not record it (or record it wrongly).",
 )
 @device_option()
+@backend_option()
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),

@@ -209,6 +209,7 @@ def evaluate_folder(
     batch_size: int | None = None,
     tta: int = 0,
     adapt: bool = True,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Score one or more classifier cards on a labelled folder (``wsi evaluate``).
 
@@ -233,7 +234,7 @@ def evaluate_folder(
         Where ``<card>.confusion.csv``, ``<card>.confusion.png`` and ``<card>.predictions.csv``
         (one row per image: true and predicted class, confidence, snapshot agreement, whether
         it counts as uncertain) are written.
-    device, batch_size, tta
+    device, batch_size, tta, backend
         As for :class:`wsi_pipeline.model.classify.Classifier`.
     adapt : bool
         Adapt each card to the folder (see :mod:`wsi_pipeline.model.adapt`).
@@ -245,7 +246,8 @@ def evaluate_folder(
         :func:`classification_report` plus ``ece``, the expected calibration error;
         ``uncertain_share``, the share of scored images the differential would count as
         uncertain (confidence, agreement or novelty), ``novel_share``, those whose novelty is
-        above 1, ``adapted``, whether the card adapted to the folder's colours, and
+        above 1, ``adapted``, whether the card adapted to the folder's colours, ``backend``,
+        what ran it, and
         ``certain_accuracy``, the accuracy of the others; ``n_unrecognised``,
         images whose class the card has no output for, left out of its scores, with
         ``unrecognised_uncertain_share`` and ``unrecognised_called``, where they went; a name
@@ -265,7 +267,7 @@ def evaluate_folder(
     files: list[str] = []
     for card in cards:
         label = _unique_label(card.name, reports)
-        classifier = get_classifier(card.path, device, batch_size)
+        classifier = get_classifier(card.path, device, batch_size, backend)
         split_by = card if splitter is None or _trained_on(card, Path(folder)) else splitter
         chosen = [i for i in items if subset is None or _subset_of(i.group, split_by) == subset]
         known = np.array([i.label in card.codes for i in chosen], dtype=bool)
@@ -287,6 +289,7 @@ def evaluate_folder(
         )
         report["uncertain_share"] = round(float(1 - sure[known].mean()), 4)
         report["adapted"] = classifier.adapts_to(colours)
+        report["backend"] = classifier.backend
         novel = prediction.novelty > 1
         report["novel_share"] = round(float(novel[known].mean()), 4)
         right = predicted[known] == truth[known]

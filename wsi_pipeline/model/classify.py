@@ -1,17 +1,18 @@
 """Batched cell classification: uint8 crops in, class probabilities out.
 
 :class:`Classifier` builds a card's network once, loads (and checks) its weights, and runs
-batches under ``torch.inference_mode`` in channels-last layout, with fp16 autocast on a GPU.
+batches under ``torch.inference_mode`` in channels-last layout, with fp16 autocast on a GPU, or
+(on a CPU, by default) through ONNX Runtime or OpenVINO (:mod:`wsi_pipeline.model.backends`).
 Several weights files (a snapshot ensemble) are averaged; test-time augmentation averages over
 the eight flips and 90° rotations (or a subset). :func:`get_classifier` keeps one instance per
-card and device per process, so pipeline workers load the model once.
+card, device and backend per process, so pipeline workers load the model once.
 
 On a CPU the batches are shared among as many threads as torch has, each running whole
-forward passes on one thread: torch's own threads wait for one another at every operation (on
-2 cores they lose 6 % of the throughput, a fifth when malloc is not tuned) and stall badly when
-another busy thread (the pipeline's detection) holds a core. :meth:`Classifier.stream` keeps
-those workers for a whole run, each taking the next batch when it is done, so that none waits
-for the others at the end of a call either.
+forward passes on one thread, whatever the backend: torch's own threads wait for one another
+at every operation (on 2 cores they lose 6 % of the throughput, a fifth when malloc is not
+tuned) and stall badly when another busy thread (the pipeline's detection) holds a core.
+:meth:`Classifier.stream` keeps those workers for a whole run, each taking the next batch when
+it is done, so that none waits for the others at the end of a call either.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from wsi_pipeline.model.adapt import (
     nearest_reference,
     references,
 )
+from wsi_pipeline.model.backends import Member, load_members, resolve_backend
 from wsi_pipeline.model.cards import (
     ClassifierCard,
     build_model,
@@ -42,7 +44,6 @@ from wsi_pipeline.model.cards import (
     load_state_dicts,
     resolve_card,
 )
-from wsi_pipeline.model.novelty import features_and_logits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -143,7 +144,13 @@ class Classifier:
     batch_size : int, optional
         Crops per forward pass (default: :func:`default_batch_size`).
     models : list of torch.nn.Module, optional
-        Networks to use instead of the card's weights files (e.g. fine-tuned in memory).
+        Networks to use instead of the card's weights files (e.g. fine-tuned in memory); they
+        run in torch.
+    backend : str
+        What runs the networks: "auto" (torch on a GPU, else the fastest installed CPU
+        runtime), "torch", "onnxruntime" or "openvino" (see
+        :mod:`wsi_pipeline.model.backends`). Saliency always uses the torch networks
+        (:attr:`models`).
     """
 
     def __init__(
@@ -152,9 +159,12 @@ class Classifier:
         device: str = "auto",
         batch_size: int | None = None,
         models: list[torch.nn.Module] | None = None,
+        backend: str = "auto",
     ):
         self.card = resolve_card(card)
         self.device = resolve_device(device)
+        # Networks other than the card's weights files have no exported twin.
+        self.backend = "torch" if models is not None else resolve_backend(backend, self.device)
         self.batch_size = batch_size or default_batch_size(self.device, self.card.model.input_size)
         if models is None:
             models = [self._build(state) for state in load_state_dicts(self.card)]
@@ -171,11 +181,23 @@ class Classifier:
         self.reference_colours = references(self.card.adaptation)
         self._mean = torch.tensor(self.card.model.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.card.model.std, device=self.device).view(1, 3, 1, 1)
+        self._members: list[Member] | None = None
+        self._loading = threading.Lock()
 
     def _build(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         model = build_model(self.card)
         model.load_state_dict(state)
         return model
+
+    def members(self) -> list[Member]:
+        """Each ensemble member as the backend runs it (normalised batch in, pooled features
+        and logits out), loaded on the first call: an ONNX backend exports (or finds in its
+        cache) and compiles every network then, so a classifier built only for its torch
+        networks (training, saliency) never pays for it."""
+        with self._loading:
+            if self._members is None:
+                self._members = load_members(self.backend, self.card, self.models, self.workers)
+            return self._members
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -232,13 +254,11 @@ class Classifier:
         novelty = self.novelty
         members, distances = [], []
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            for k, model in enumerate(self.models):
+            for k, member in enumerate(self.members()):
                 softmax, distance = [], []
                 for view in views:
-                    if novelty is None:
-                        logits = model(view)
-                    else:
-                        features, logits = features_and_logits(model, view)
+                    features, logits = member(view)
+                    if novelty is not None:
                         distance.append(novelty.members[k].distance(features.float()))
                     softmax.append((logits.float() / temperature).softmax(1))
                 members.append(torch.stack(softmax).mean(0))
@@ -351,8 +371,8 @@ def _dihedral(x: torch.Tensor, quarter_turns: int, mirror: bool) -> torch.Tensor
     return torch.flip(x, dims=(3,)) if mirror else x
 
 
-#: Classifiers built in this process, by card file, weights, device and batch size.
-_built: dict[tuple[Path, tuple[str, ...], str, int | None], Classifier] = {}
+#: Classifiers built in this process, by card file, weights, device, batch size and backend.
+_built: dict[tuple[Path, tuple[str, ...], str, int | None, str], Classifier] = {}
 _building = threading.Lock()
 
 
@@ -360,14 +380,21 @@ def get_classifier(
     card: ClassifierCard | str | os.PathLike[str],
     device: str = "auto",
     batch_size: int | None = None,
+    backend: str = "auto",
 ) -> Classifier:
-    """The process-wide :class:`Classifier` of a card on a device (built once)."""
+    """The process-wide :class:`Classifier` of a card on a device and backend (built once,
+    its backend loaded at once: a pipeline worker exports and compiles before its first
+    task)."""
     card = resolve_card(card)
-    device_name = str(resolve_device(device))
-    key = (card.path.resolve(), tuple(w.sha256 for w in card.weights), device_name, batch_size)
+    resolved = resolve_device(device)
+    backend = resolve_backend(backend, resolved)
+    weights = tuple(w.sha256 for w in card.weights)
+    key = (card.path.resolve(), weights, str(resolved), batch_size, backend)
     with _building:
         if key not in _built:
-            _built[key] = Classifier(card, device=device_name, batch_size=batch_size)
+            classifier = Classifier(card, str(resolved), batch_size, backend=backend)
+            classifier.members()
+            _built[key] = classifier
         return _built[key]
 
 
@@ -377,6 +404,7 @@ def classify_crops(
     device: str = "auto",
     batch_size: int | None = None,
     tta: int = 0,
+    backend: str = "auto",
 ) -> NDArray[np.float32]:
     """Class probabilities (N, n_classes) of uint8 crops with a card's classifier."""
-    return get_classifier(card, device, batch_size).predict_proba(crops, tta)
+    return get_classifier(card, device, batch_size, backend).predict_proba(crops, tta)

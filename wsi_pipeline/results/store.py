@@ -91,7 +91,8 @@ def read_summary(store: str | Path) -> dict[str, Any]:
     -------
     dict
         ``store``, ``status``, ``slide``, ``classifier`` (name, classes, weights, caveat),
-        ``n_cells``, ``parameters``, ``adaptation`` (whether the classifier adapted to the
+        ``n_cells``, ``parameters``, ``inference`` (the backend and device that ran the
+        classifier), ``adaptation`` (whether the classifier adapted to the
         slide, and to what), ``software``, ``timings`` and ``counts`` (the differential:
         classes, groups, not counted, uncertain, M:E ratio, blast %, graded findings).
 
@@ -115,6 +116,7 @@ def read_summary(store: str | Path) -> dict[str, Any]:
         | {"classes": attrs.get("class_codes", [])},
         "n_cells": attrs.get("n_cells"),
         "parameters": attrs.get("parameters", {}),
+        "inference": attrs.get("inference", {}),
         "adaptation": attrs.get("adaptation", {"ran": False, "reason": "not recorded"}),
         "software": attrs.get("software", {}),
         "timings": attrs.get("timings", {}),
@@ -131,6 +133,12 @@ def _percent(row: Mapping[str, Any]) -> str:
     return f"{row['percent']:5.1f} %  ({low:.1f}-{high:.1f})"
 
 
+def _ran_on(summary: Mapping[str, Any]) -> str:
+    """`` (onnxruntime on cpu)``, or nothing for a store written before backends were recorded."""
+    ran = summary.get("inference", {})
+    return f" ({ran['backend']} on {ran['device']})" if ran else ""
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
     """Plain-text rendering of :func:`read_summary` for ``wsi inspect STORE``."""
     counts = summary["counts"]
@@ -140,7 +148,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [
         f"store       {summary['store']} ({summary['status']})",
         f"slide       {slide.get('path', '?')}",
-        f"classifier  {summary['classifier'].get('name', '?')}",
+        f"classifier  {summary['classifier'].get('name', '?')}{_ran_on(summary)}",
         f"cells       {counts['total_cells']} found, {counts['countable']} countable, "
         f"{counts['uncertain']} uncertain ({rule})",
     ]

@@ -138,7 +138,7 @@ def classify(
 ) -> TileCells:
     """Class probabilities of one group's cells with this worker's model, adapted to the
     slide's colours when given."""
-    classifier = get_classifier(card, options.device, options.batch_size)
+    classifier = get_classifier(card, options.device, options.batch_size, options.backend)
     return classify_cells(classifier, cells, options.tta, slide_colours)
 
 
@@ -150,7 +150,7 @@ def aggregate(
     The groups' futures come as a published dataset: futures passed as arguments would all be
     resolved into memory before the task starts.
     """
-    classifier = get_classifier(card, options.device, options.batch_size)
+    classifier = get_classifier(card, options.device, options.batch_size, options.backend)
     with worker_client() as client:  # leaves the worker's thread pool while waiting
         batches = (future.result() for future in client.get_dataset(dataset))
         run = write_outputs(plan, batches, classifier, options, Path(out))
@@ -174,7 +174,8 @@ class ClassifierPlugin(WorkerPlugin):
         tune_malloc()
         if self.gpu_cluster and not worker.state.total_resources.get("GPU"):
             return  # CPU workers of a GPU cluster only read and detect
-        get_classifier(self.card, self.options.device, self.options.batch_size)
+        options = self.options
+        get_classifier(self.card, options.device, options.batch_size, options.backend)
 
 
 def _unpublish(client: Client, dataset: str | None) -> None:

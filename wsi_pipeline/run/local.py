@@ -67,7 +67,7 @@ def run_slide(
     with exclusive_folder(out_dir):  # refuses at once when another run writes there
         tune_malloc()
         card = resolve_card(card or options.classifier)
-        classifier = get_classifier(card, options.device, options.batch_size)
+        classifier = get_classifier(card, options.device, options.batch_size, options.backend)
         plan = plan_slide(slide, card, options)
         bar = tqdm(total=len(plan.tiles), desc="detect+classify", unit="tile", disable=not progress)
 

@@ -28,6 +28,10 @@ class RunOptions:
         Level-0 microns per pixel given by the user.
     device : str
         ``auto``, ``cpu`` or ``cuda``.
+    backend : str
+        What runs the classifier's networks: ``auto``, ``torch``, ``onnxruntime`` or
+        ``openvino`` (see :mod:`wsi_pipeline.model.backends`); the store records the one that
+        ran.
     batch_size : int or None
         Crops per forward pass; None chooses for the device.
     saliency : tuple of str
@@ -59,6 +63,7 @@ class RunOptions:
     classifier: str = "default"
     mpp: float | None = None
     device: str = "auto"
+    backend: str = "auto"
     batch_size: int | None = None
     saliency: tuple[str, ...] = SALIENCY_METHODS
     saliency_cells: int | None = DEFAULT_CELLS_PER_CLASS

@@ -38,8 +38,8 @@ __all__ = ["ExplainedCells", "SlideRun", "explain_cells", "output_paths", "write
 #: Classified batches queued for writing before the classifier waits (one forward pass each).
 WRITES_AHEAD = 8
 #: Parameters that change how fast results come, or whether a run stops, not what a complete
-#: result is.
-RESULT_NEUTRAL = ("device", "batch_size", "on_bad_tile")
+#: result is (every backend gives the same probabilities within 1e-4).
+RESULT_NEUTRAL = ("device", "backend", "batch_size", "on_bad_tile")
 
 
 @dataclass
@@ -164,7 +164,9 @@ def write_outputs(
     paths = output_paths(out_dir, plan.stem, options.zip_geojson)
     chosen = ExplainedCells(options.saliency_cells)
     key = result_key(plan.attrs["slide"]["sha256"], card, options)
-    attrs = {**plan.attrs, "result_key": key}
+    # What ran, where the parameters hold what was asked for ("auto").
+    inference = {"backend": classifier.backend, "device": str(classifier.device)}
+    attrs = {**plan.attrs, "inference": inference, "result_key": key}
     with (
         ResultWriter(out_dir, plan.stem, card.codes, card.model.input_size, attrs) as writer,
         GeoJSONWriter(
