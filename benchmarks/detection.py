@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -295,6 +296,117 @@ def evaluate_marrow_crops(data: Path, per_class: int = 100, reach_um: float = 4.
     }
 
 
+#: SegPC-2021's myeloma marrow fields, read as ``wsi-run FOLDER --mpp 0.17 --region all`` would.
+SEGPC_MPP = 0.17
+
+
+def _outline(feature: dict, key: str) -> shapely.Geometry:
+    return shapely.make_valid(shapely.geometry.shape(feature[key]))
+
+
+def _field_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """Optical density above the glass, summed over channels, of every pixel of a field."""
+    from wsi_pipeline.image.stain import optical_density
+
+    return np.clip(optical_density(rgb) - glass.astype(np.float32), 0, None).sum(axis=2)
+
+
+def _mean_inside(values: np.ndarray, polygon: np.ndarray) -> float:
+    """Mean of ``values`` over the pixels inside a polygon of ``(x, y)`` vertices."""
+    import cv2
+
+    mask = np.zeros(values.shape, np.uint8)
+    cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1)
+    return float(values[mask > 0].mean()) if mask.any() else 0.0
+
+
+def evaluate_marrow_fields(data: Path, limit: int | None = None) -> dict:
+    """Plasma-cell recall and whole-cell and nucleus IoU on real myeloma marrow fields.
+
+    Each field of ``segpc-train`` runs through the pipeline's own plan and detect stages as
+    ``wsi-run FOLDER --mpp 0.17 --region all`` runs it (its stain and threshold learned from the
+    field). A detection matches a plasma cell when its centre lies inside the expert's outline
+    of the whole cell, one detection per cell; IoU compares each matched detection's outlines
+    with the expert's. Only plasma cells are outlined, so precision is not measured; instead
+    ``pale_nuclei`` counts detections whose "nucleus" is less than half as dense as the field's
+    expert-outlined nuclei: red cells or cytoplasm outlined as a white cell.
+    """
+    from wsi_pipeline.model.cards import resolve_card
+    from wsi_pipeline.run.options import RunOptions
+    from wsi_pipeline.run.stages import detect_tiles, plan_slide
+
+    root = data / "segpc-train"
+    images = sorted((root / "images").glob("*.jpg"))[:limit]
+    if not images:
+        raise FileNotFoundError(f"{root}: no images (is this the segpc-train folder?)")
+    card = resolve_card("default")
+    options = RunOptions(region="all", adapt=False, mpp=SEGPC_MPP)
+    cells_total, found, cell_iou, nucleus_iou, cpu, detections = 0, 0, [], [], 0.0, 0
+    crowded, losing, warned, fallback, pale = 0, 0, 0, 0, 0
+    for image in images:
+        features = json.loads((root / "cells" / f"{image.stem}.geojson").read_text())["features"]
+        cells = [_outline(f, "geometry") for f in features]
+        nuclei = [_outline(f, "nucleusGeometry") for f in features]
+        with open_slide(image, mpp=SEGPC_MPP) as slide:
+            start = time.process_time()
+            plan = plan_slide(slide, card, options, checksum="-")
+            detected = detect_tiles(slide, plan.tiles, card, plan.detect_params).columns
+            cpu += time.process_time() - start
+        x, y = detected["x"], detected["y"]
+        inside = np.array(
+            [
+                [cell.contains(shapely.Point(px, py)) for cell in cells]
+                for px, py in zip(x, y, strict=True)
+            ]
+        ).reshape(len(x), len(cells))
+        rows, cols = linear_sum_assignment(inside, maximize=True)
+        hit = inside[rows, cols]
+        for i, j in zip(rows[hit], cols[hit], strict=True):
+            for outlines, key, ious in (
+                (cells, "contour", cell_iou),
+                (nuclei, "nucleus_contour", nucleus_iou),
+            ):
+                mine = shapely.make_valid(shapely.Polygon(detected[key][i]))
+                ious.append(mine.intersection(outlines[j]).area / mine.union(outlines[j]).area)
+        cells_total, found, detections = (
+            cells_total + len(cells),
+            found + hit.sum(),
+            detections + len(x),
+        )
+        if len(cells) >= 3:
+            crowded += 1
+            losing += hit.sum() < len(cells) * 2 / 3
+        detection = plan.attrs["detection"]
+        warned += bool(detection["warnings"])
+        fallback += not detection["stain"]["estimated"]
+        rgb = np.asarray(Image.open(image).convert("RGB"))
+        density = _field_density(rgb, np.asarray(detection["stain"]["glass_od"]))
+        expert = np.median(
+            [
+                _mean_inside(density, np.asarray(n.exterior.coords))
+                for n in nuclei
+                if n.geom_type == "Polygon"
+            ]
+            or [np.inf]
+        )
+        pale += sum(_mean_inside(density, c) < 0.5 * expert for c in detected["nucleus_contour"])
+    return {
+        "fields": len(images),
+        "mpp": SEGPC_MPP,
+        "plasma_cells": cells_total,
+        "recall": round(found / max(cells_total, 1), 4),
+        "fields_with_3_or_more": crowded,
+        "fields_losing_over_a_third": int(losing),
+        "mean_cell_iou": round(float(np.mean(cell_iou)), 4),
+        "mean_nucleus_iou": round(float(np.mean(nucleus_iou)), 4),
+        "detections": detections,
+        "pale_nuclei": int(pale),
+        "fields_warned": warned,
+        "fields_reference_stain": fallback,
+        "ms_cpu_per_cell": round(1000 * cpu / max(detections, 1), 3),
+    }
+
+
 #: PBC's CellaVision fields, 0.100 µm/px (estimated from their red cells; see the default card).
 PBC_MPP = 0.100
 
@@ -359,7 +471,7 @@ def evaluate_not_cells(data: Path, limit: int | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
-    names = [*sorted(SETS), "marrow", "not_cells", "synthetic"]
+    names = [*sorted(SETS), "marrow", "marrow_fields", "not_cells", "synthetic"]
     parser.add_argument("--sets", nargs="+", choices=names, default=names)
     parser.add_argument("--limit", type=int, default=None, help="first N images of each set")
     parser.add_argument("--per-class", type=int, default=100, help="marrow crops per class")
@@ -369,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     special = {
         "synthetic": lambda: evaluate_synthetic(range(args.synthetic_slides)),
         "marrow": lambda: evaluate_marrow_crops(args.data, args.per_class),
+        "marrow_fields": lambda: evaluate_marrow_fields(args.data, args.limit),
         "not_cells": lambda: evaluate_not_cells(args.data, args.limit),
     }
     result = {

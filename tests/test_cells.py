@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _detection_benchmark():
     path = REPO / "benchmarks" / "detection.py"
+    if str(path.parent) not in sys.path:  # the scripts share benchmarks/_measure.py
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("detection_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up

@@ -62,10 +62,22 @@ def test_glass_is_zero_whatever_its_tint():
     assert np.abs(nuclear_stain(glass, stain)).max() < 1e-3
 
 
-def test_a_stain_unlike_any_checked_is_flagged():
-    green_nuclei = dataclasses.replace(REFERENCE_STAIN, nucleus=(0.9, 0.1, 0.42), estimated=True)
-    (warning,) = green_nuclei.warnings()
-    assert "chromatin" in warning and "degrees" in warning
+def test_another_labs_shade_is_not_a_warning():
+    magenta = dataclasses.replace(REFERENCE_STAIN, nucleus=(0.23, 0.95, 0.2), estimated=True)
+    assert magenta.warnings() == []
+
+
+def test_a_field_of_nuclei_alone_collapses_to_the_reference_and_warns():
+    """Where nuclei are most of the stained pixels, the median stained direction is
+    chromatin's: the estimate cannot part the stains, says so, and uses the reference."""
+    rng = np.random.default_rng(0)
+    amount = rng.uniform(0.5, 2.5, size=(4000, 1))
+    od = amount * np.asarray(REFERENCE_STAIN.nucleus) + rng.normal(0, 0.03, size=(4000, 3))
+    stain = estimate_stain(np.clip(od, 0, None))
+    assert not stain.estimated
+    assert stain.nucleus == REFERENCE_STAIN.nucleus
+    (warning,) = stain.warnings()
+    assert "could not be told apart" in warning and "check in QuPath" in warning
 
 
 def test_slide_params_record_the_stain(field):

@@ -111,6 +111,9 @@ class DetectParams:
         promyelocytes and monocytes); clusters of cytoplasmic granules stay smaller.
     granule_factor : float
         Granular (eosinophil) areas unmix below ``-granule_factor * threshold``.
+    split_um : float
+        Touching nuclei are parted where the neck between them is this much narrower (in
+        radius) than each of them (:func:`_split_pieces`).
     segment : SegmentParams
         How each nucleus is grown to its cell (:func:`~wsi_pipeline.image.segment.segment_cells`).
     """
@@ -132,6 +135,7 @@ class DetectParams:
     link_um: float = 7.0
     seed_area_um2: float = 45.0
     granule_factor: float = 2.0
+    split_um: float = 1.0
     segment: SegmentParams = SegmentParams()
 
     @property
@@ -397,7 +401,7 @@ def _label_cells(
     several seeds is split among them by a watershed of its distance transform. Blobs without a
     seed keep one label each, numbered after the seeds (:func:`_join_fragments`).
     """
-    pieces, piece_count = _label(vouching)
+    pieces, piece_count = _split_pieces(vouching, px_um, params)
     piece_pixels, piece_of = _labelled(pieces, vouching)
     seed = _seeds(piece_pixels, piece_of, pieces.shape[1], piece_count, core, px_um, params)
     blobs, count = _label(mask)
@@ -431,6 +435,44 @@ def _label_cells(
             split = segmentation.watershed(-distance[box], seed[pieces[box]], mask=own)
             labels[box][own] = split[own]
     return labels, blob_pixels
+
+
+def _split_pieces(
+    vouching: NDArray[np.bool_], px_um: float, params: DetectParams
+) -> tuple[NDArray[np.int32], int]:
+    """The vouching pieces (:func:`_cell_mask`) labelled 1..N, those made of touching nuclei
+    cut apart: in a crowded marrow field neighbouring nuclei stain as one piece, joined by a
+    neck narrower than either of them.
+
+    Each bump of a piece's distance transform that rises ``split_um`` above the neck it shares
+    with another is a part, and every pixel goes to the part it climbs to. A piece is cut only
+    when it is larger than two of the image's typical nuclei (the median nucleus-sized piece)
+    and every part is as large as a small nucleus (``solid_area_um2``): one lobed or notched
+    nucleus (a neutrophil's, a monocyte's) stays one piece, whatever the magnification.
+    """
+    labels, count = _label(vouching)
+    if count == 0:
+        return labels, 0
+    distance = cv2.distanceTransform(vouching.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
+    markers, parts = _label(morphology.h_maxima(distance, params.split_um / px_um).view(bool))
+    if parts <= count:
+        return labels, count
+    split = segmentation.watershed(-distance, markers, mask=vouching).astype(np.int32)
+    flat, piece = _labelled(labels, vouching)
+    part = split.ravel()[flat]
+    # A pixel no bump reaches (a piece too thin to rise that high) keeps its piece whole.
+    small = np.bincount(part, minlength=parts + 1) * px_um**2 < params.solid_area_um2
+    small[0] = True
+    area = np.bincount(piece, minlength=count + 1) * px_um**2
+    nuclei = area[area >= params.solid_area_um2]
+    whole = area < 2 * (np.median(nuclei) if len(nuclei) else np.inf)
+    whole[piece[small[part]]] = True
+    keep_whole = whole[piece]
+    final = np.where(keep_whole, parts + piece, part)
+    numbers, final = np.unique(final, return_inverse=True)
+    result = np.zeros_like(labels)
+    result.ravel()[flat] = final.ravel() + 1
+    return result, len(numbers)
 
 
 def _seeds(

@@ -53,9 +53,9 @@ CHROMATIN_SHARE = 0.005
 RATIO_SEPARATION = 2.0
 #: Fewest stained pixels from which a stain is estimated.
 MIN_STAINED_PIXELS = 500
-#: Largest angle (degrees) between a slide's chromatin or counterstain direction and the
-#: range the detector was checked on (BCCD, Raabin-WBC, MLL, synthetic slides) before a warning.
-CHECKED_ANGLE_DEG = 25.0
+#: Least angle (degrees) between estimated chromatin and counterstain directions that parts
+#: them; closer, the two have collapsed into one.
+MIN_STAIN_ANGLE_DEG = 5.0
 
 
 def _od_of(rgb: Sequence[float]) -> FloatArray:
@@ -97,6 +97,9 @@ class StainModel:
         follow it.
     estimated : bool
         Whether the directions were estimated from the slide (else the reference).
+    problem : str
+        Why the slide's own estimate was set aside for the reference directions, when it
+        was: detection may then be wrong for this slide. Empty otherwise.
     """
 
     nucleus: Vector
@@ -106,6 +109,7 @@ class StainModel:
     red_cell_density: float = float(_od_of(RED_CELL_RGB).sum())
     red_cell_cosine: float = 0.98
     estimated: bool = False
+    problem: str = ""
 
     @cached_property
     def unmixing_affine(self) -> NDArray[np.float32]:
@@ -141,19 +145,15 @@ class StainModel:
         return nr / max(ng, 1e-6), cr / max(cg, 1e-6)
 
     def warnings(self) -> list[str]:
-        """Why this slide's stain lies outside what the detector was checked on, if it does."""
-        problems = []
-        for name, vector, reference in (
-            ("chromatin", self.nucleus, REFERENCE_STAIN.nucleus),
-            ("red-cell counterstain", self.counterstain, REFERENCE_STAIN.counterstain),
-        ):
-            angle = _angle_deg(vector, reference)
-            if angle > CHECKED_ANGLE_DEG:
-                problems.append(
-                    f"the {name} colour differs by {angle:.0f} degrees from the reference stain "
-                    f"(detection was checked up to {CHECKED_ANGLE_DEG:.0f})"
-                )
-        return problems
+        """What a user should check because detection is likely wrong for this slide: its
+        stain estimate collapsed and the reference directions stood in. Another lab's shade
+        of the stain is not a warning; the estimate follows it."""
+        if not self.problem:
+            return []
+        return [
+            f"{self.problem}; the reference May-Grünwald-Giemsa stain was used instead, so "
+            "check in QuPath that the outlined cells are white cells and none is missed"
+        ]
 
     def as_dict(self) -> dict[str, object]:
         """Plain values for a store's provenance."""
@@ -164,6 +164,7 @@ class StainModel:
             "red_cell_density": round(self.red_cell_density, 4),
             "red_cell_cosine": round(self.red_cell_cosine, 4),
             "estimated": self.estimated,
+            "problem": self.problem,
         }
 
 
@@ -183,9 +184,15 @@ def estimate_stain(od: NDArray[np.floating]) -> StainModel:
     median stained pixel is a typical red cell). Chromatin is the median direction of the
     :data:`CHROMATIN_SHARE` of green-absorbing stained pixels with the most density across the
     counterstain; the third unmixing direction is what neither explains (in the spirit of
-    Macenko et al., ISBI 2009, but robust to nuclei being a tiny share of a blood smear). With
-    too few stained pixels, or chromatin that does not part from the counterstain (a field of
-    red cells alone), the reference stain is returned with this slide's glass.
+    Macenko et al., ISBI 2009, but robust to nuclei being a tiny share of a blood smear).
+
+    Where nucleated cells crowd the sample (a marrow field) the median stained pixel is a
+    nucleus, not a red cell, and the two directions collapse into one. Every Romanowsky
+    chromatin absorbs green more, for its density, than the lab's counterstain does (violet
+    to magenta against pink to lavender), so an estimate whose chromatin is not the greener
+    of the two, or lies within :data:`MIN_STAIN_ANGLE_DEG` of it, has collapsed: the reference
+    directions are returned with this slide's glass and the reason (``problem``), which the
+    run reports. So are they with too few stained pixels to estimate from.
 
     Parameters
     ----------
@@ -202,16 +209,17 @@ def estimate_stain(od: NDArray[np.floating]) -> StainModel:
     glass = np.median(pixels[faint], axis=0)
     above = np.clip(pixels - glass, 0.0, None)
     stained = above[above.sum(axis=1) >= STAINED_OD]
-    fallback = dataclasses.replace(REFERENCE_STAIN, glass_od=_vector(glass))
+
+    def fallback(problem: str) -> StainModel:
+        return dataclasses.replace(REFERENCE_STAIN, glass_od=_vector(glass), problem=problem)
+
     if len(stained) < MIN_STAINED_PIXELS:
-        return fallback
+        return fallback(f"{len(stained)} stained pixels, too few to learn the stain from")
     # Red cells are most of the stained area of any smear: their direction is the median one.
     directions = stained / np.linalg.norm(stained, axis=1, keepdims=True)
     counterstain = _unit(np.median(directions, axis=0))
-    red_cell = {
-        "red_cell_density": float(np.median(stained.sum(axis=1))),
-        "red_cell_cosine": float(np.median(directions @ counterstain)),
-    }
+    red_cell_density = float(np.median(stained.sum(axis=1)))
+    red_cell_cosine = float(np.median(directions @ counterstain))
     # Chromatin is the densest stain unlike the red cells: the pixels with the most density
     # across the counterstain direction, however few (a blood smear's nuclei are well under
     # 1 % of its stained area). Every Romanowsky chromatin (violet to magenta: azure B-eosin)
@@ -219,12 +227,15 @@ def estimate_stain(od: NDArray[np.floating]) -> StainModel:
     across = np.linalg.norm(stained - np.outer(stained @ counterstain, counterstain), axis=1)
     greenest = stained.argmax(axis=1) == 1
     if not greenest.any():
-        return fallback
+        return fallback("no stained pixel absorbs green most, as chromatin does")
     chromatin = stained[greenest & (across >= np.quantile(across[greenest], 1.0 - CHROMATIN_SHARE))]
     # The median direction: a few dark specks of another colour cannot move it.
     nucleus = _unit(np.median(chromatin / np.linalg.norm(chromatin, axis=1, keepdims=True), axis=0))
-    if _angle_deg(nucleus, counterstain) < 5.0:
-        return fallback
+    if _angle_deg(nucleus, counterstain) < MIN_STAIN_ANGLE_DEG or nucleus[1] <= counterstain[1]:
+        return fallback(
+            "the slide's chromatin and red-cell stain directions could not be told apart "
+            f"({_angle_deg(nucleus, counterstain):.0f} degrees; nucleated cells crowd the sample)"
+        )
     # Blue cytoplasm is too rare to estimate: the third direction is what neither explains.
     cytoplasm = _unit(np.cross(nucleus, counterstain))
     return StainModel(
@@ -232,7 +243,8 @@ def estimate_stain(od: NDArray[np.floating]) -> StainModel:
         _vector(counterstain),
         _vector(cytoplasm),
         _vector(glass),
-        **red_cell,
+        red_cell_density=red_cell_density,
+        red_cell_cosine=red_cell_cosine,
         estimated=True,
     )
 

@@ -239,8 +239,8 @@ def write_outputs(
             )
             stain_warnings = attrs["detection"]["warnings"]
             if stain_warnings:
-                # The slide's stain is unlike any the detector was checked on.
-                said = f"stain outside the checked range: {'; '.join(stain_warnings)}"
+                # The slide's stain estimate collapsed: detection may be wrong for it.
+                said = f"detection may be wrong for this slide: {'; '.join(stain_warnings)}"
                 result = result.with_findings(Finding("caution", "quality", "stain", said))
             if unreadable:
                 said = unreadable_warning(unreadable)
