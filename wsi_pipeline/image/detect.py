@@ -442,37 +442,44 @@ def _split_pieces(
 ) -> tuple[NDArray[np.int32], int]:
     """The vouching pieces (:func:`_cell_mask`) labelled 1..N, those made of touching nuclei
     cut apart: in a crowded marrow field neighbouring nuclei stain as one piece, joined by a
-    neck narrower than either of them.
+    neck narrower than either nucleus.
 
-    Each bump of a piece's distance transform that rises ``split_um`` above the neck it shares
-    with another is a part, and every pixel goes to the part it climbs to. A piece is cut only
-    when it is larger than two of the image's typical nuclei (the median nucleus-sized piece)
-    and every part is as large as a small nucleus (``solid_area_um2``): one lobed or notched
+    Only a piece larger than two of the image's typical nuclei (the median nucleus-sized
+    piece) is looked at, in its own box, so the cost follows the merged pieces, not the tile.
+    Each bump of its distance transform that rises ``split_um`` above the neck it shares with
+    another is a part, and every pixel goes to the part it climbs to; the cut stands when
+    every part is as large as a small nucleus (``solid_area_um2``). One lobed or notched
     nucleus (a neutrophil's, a monocyte's) stays one piece, whatever the magnification.
     """
     labels, count = _label(vouching)
     if count == 0:
         return labels, 0
-    distance = cv2.distanceTransform(vouching.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
-    markers, parts = _label(morphology.h_maxima(distance, params.split_um / px_um).view(bool))
-    if parts <= count:
-        return labels, count
-    split = segmentation.watershed(-distance, markers, mask=vouching).astype(np.int32)
     flat, piece = _labelled(labels, vouching)
-    part = split.ravel()[flat]
-    # A pixel no bump reaches (a piece too thin to rise that high) keeps its piece whole.
-    small = np.bincount(part, minlength=parts + 1) * px_um**2 < params.solid_area_um2
-    small[0] = True
-    area = np.bincount(piece, minlength=count + 1) * px_um**2
+    area = np.bincount(piece, minlength=count + 1)[1:] * px_um**2
     nuclei = area[area >= params.solid_area_um2]
-    whole = area < 2 * (np.median(nuclei) if len(nuclei) else np.inf)
-    whole[piece[small[part]]] = True
-    keep_whole = whole[piece]
-    final = np.where(keep_whole, parts + piece, part)
-    numbers, final = np.unique(final, return_inverse=True)
-    result = np.zeros_like(labels)
-    result.ravel()[flat] = final.ravel() + 1
-    return result, len(numbers)
+    if not len(nuclei):
+        return labels, count
+    boxes = label_boxes(flat, piece, labels.shape[1], count)
+    step = np.ones((3, 3), np.uint8)
+    for number in np.flatnonzero(area >= 2 * np.median(nuclei)) + 1:
+        y0, x0, y1, x1 = boxes[number - 1]
+        window = np.s_[y0:y1, x0:x1]
+        own = np.pad(labels[window] == number, 1)
+        distance = cv2.distanceTransform(own.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
+        bumps = morphology.h_maxima(distance, params.split_um / px_um, footprint=step)
+        markers, parts = _label(bumps.view(bool) & own)
+        if parts < 2:
+            continue
+        split = segmentation.watershed(-distance, markers, mask=own)[1:-1, 1:-1]
+        inside = own[1:-1, 1:-1]
+        sizes = np.bincount(split[inside], minlength=parts + 1) * px_um**2
+        if sizes[0] > 0 or sizes[1:].min() < params.solid_area_um2:
+            continue
+        # The first part keeps the piece's number; the others are numbered after the last.
+        renumbered = np.where(split == 1, number, count + split - 1)
+        labels[window][inside] = renumbered[inside]
+        count += parts - 1
+    return labels, count
 
 
 def _seeds(
