@@ -9,9 +9,11 @@ seed, then measures, each phase in its own subprocess so its peak RSS is its own
   of the same regions;
 * ``detect``: :func:`wsi_pipeline.run.stages.detect_tiles` over every planned tile (read, detect,
   crop), beside plain reading of the same tiles, so the detection share is known;
-* ``classify``: ``Classifier.predict_proba`` on real cell crops, a bare ``model(batch)`` loop
-  over the same preprocessed tensors, and TIAToolbox's ``PatchPredictor`` (patch mode) wrapping
-  the same timm networks, interleaved round by round on the same device and batch size;
+* ``classify``: ``Classifier.predict_proba`` on real cell crops (``--backend auto``), a bare
+  torch ``model(batch)`` loop over the same preprocessed tensors, TIAToolbox's
+  ``PatchPredictor`` (patch mode) wrapping the same timm networks, and ``predict_proba`` on every
+  other installed backend (``backend_<name>``; on a CPU), interleaved round by round on the same
+  device and batch size;
 * ``end_to_end``: :func:`wsi_pipeline.run.local.run_slide` with and without saliency, then
   (without saliency) the classifier alone on all of the run's own crops, one forward pass at a
   time on its workers as the pipeline runs it (``Classifier.stream``), in the same process: the
@@ -41,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -247,11 +250,12 @@ def tiatoolbox_predictor(classifier):
 
 
 def phase_classify(card: str, crops: str, device: str, batch_size: int | None, rounds: int) -> dict:
-    """Cells per second: ``predict_proba`` vs a bare loop vs TIAToolbox, on the same crops,
-    with malloc tuned as a pipeline run tunes it (all three gain from it)."""
+    """Cells per second: ``predict_proba`` vs a bare loop vs TIAToolbox, and on each backend, on
+    the same crops, with malloc tuned as a pipeline run tunes it (all gain from it)."""
     import torch
     from tiatoolbox.models import IOPatchPredictorConfig  # before the memory baseline
 
+    from wsi_pipeline.model.backends import BACKENDS, installed
     from wsi_pipeline.model.classify import Classifier
     from wsi_pipeline.run.tuning import tune_malloc
 
@@ -286,10 +290,16 @@ def phase_classify(card: str, crops: str, device: str, batch_size: int | None, r
     def wsi_pipeline() -> None:
         results["wsi_pipeline"] = classifier.predict_proba(cells)
 
+    backends = {classifier.backend: classifier}
+    if classifier.device.type == "cpu":  # the ONNX backends run on a CPU only
+        for name in BACKENDS[1:]:
+            if installed(name) and name not in backends:
+                backends[name] = Classifier(card, device, batch_size, backend=name)
     ways = {
         "wsi_pipeline": wsi_pipeline,
         "bare_loop": lambda: bare_loop(classifier.models, batches),
         "tiatoolbox": tiatoolbox,
+        **{f"backend_{name}": partial(c.predict_proba, cells) for name, c in backends.items()},
     }
     for way in ways.values():  # warm-up round, not timed
         way()
@@ -305,6 +315,7 @@ def phase_classify(card: str, crops: str, device: str, batch_size: int | None, r
         "crops": len(cells),
         "device": str(classifier.device),
         "batch_size": step,
+        "backend": classifier.backend,
         "ensemble_members": len(classifier.models),
         "rounds": rounds,
         "model_load_seconds": round(load.seconds, 2),
@@ -371,6 +382,7 @@ def phase_end_to_end(
         "cells": cells,
         "cells_per_s": rate(cells, wall),
         "classifier_workers": classifier.workers,
+        "backend": classifier.backend,
         "model_load_seconds": round(load.seconds, 2),
         "stage_seconds": {name: round(v, 2) for name, v in result.timings.items()},
         **run_memory,
@@ -530,6 +542,10 @@ def measure(args: argparse.Namespace) -> dict:
         "peak_rss_large_vs_small": ratio(e2e_large["peak_rss_mb"], e2e_small["peak_rss_mb"]),
         "peak_rss_above_imports_large_vs_small": ratio(
             e2e_large["peak_rss_above_imports_mb"], e2e_small["peak_rss_above_imports_mb"]
+        ),
+        "classify_fastest_backend_vs_torch": ratio(
+            max(v["cells_per_s"] for k, v in classify.items() if k.startswith("backend_")),
+            classify["backend_torch"]["cells_per_s"],
         ),
         "tiatoolbox_vs_wsi_pipeline": ratio(
             classify["tiatoolbox"]["cells_per_s"], classify["wsi_pipeline"]["cells_per_s"]
