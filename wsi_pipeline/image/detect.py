@@ -111,9 +111,11 @@ class DetectParams:
         promyelocytes and monocytes); clusters of cytoplasmic granules stay smaller.
     granule_factor : float
         Granular (eosinophil) areas unmix below ``-granule_factor * threshold``.
-    split_um : float
-        Touching nuclei are parted where the neck between them is this much narrower (in
-        radius) than each of them (:func:`_split_pieces`).
+    split_um, split_share : float
+        Touching nuclei are parted where the neck between them is narrower (in radius) than
+        each of them by ``split_um`` and by ``split_share`` of the piece's largest radius
+        (:func:`_split_pieces`): a notched nucleus (a monocyte's, a metamyelocyte's) has a
+        wide neck for its size.
     segment : SegmentParams
         How each nucleus is grown to its cell (:func:`~wsi_pipeline.image.segment.segment_cells`).
     """
@@ -136,6 +138,7 @@ class DetectParams:
     seed_area_um2: float = 45.0
     granule_factor: float = 2.0
     split_um: float = 1.0
+    split_share: float = 0.3
     segment: SegmentParams = SegmentParams()
 
     @property
@@ -446,10 +449,11 @@ def _split_pieces(
 
     Only a piece larger than two of the image's typical nuclei (the median nucleus-sized
     piece) is looked at, in its own box, so the cost follows the merged pieces, not the tile.
-    Each bump of its distance transform that rises ``split_um`` above the neck it shares with
-    another is a part, and every pixel goes to the part it climbs to; the cut stands when
-    every part is as large as a small nucleus (``solid_area_um2``). One lobed or notched
-    nucleus (a neutrophil's, a monocyte's) stays one piece, whatever the magnification.
+    Each bump of its distance transform that rises above the neck it shares with another by
+    ``split_um`` and by ``split_share`` of the piece's largest radius is a part, and every
+    pixel goes to the part it climbs to; the cut stands when every part is as large as a small
+    nucleus (``solid_area_um2``). One lobed or notched nucleus (a neutrophil's, a monocyte's)
+    stays one piece, whatever the magnification.
     """
     labels, count = _label(vouching)
     if count == 0:
@@ -466,7 +470,8 @@ def _split_pieces(
         window = np.s_[y0:y1, x0:x1]
         own = np.pad(labels[window] == number, 1)
         distance = cv2.distanceTransform(own.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5)
-        bumps = morphology.h_maxima(distance, params.split_um / px_um, footprint=step)
+        rise = max(params.split_um / px_um, params.split_share * float(distance.max()))
+        bumps = morphology.h_maxima(distance, rise, footprint=step)
         markers, parts = _label(bumps.view(bool) & own)
         if parts < 2:
             continue
