@@ -19,13 +19,11 @@ from wsi_pipeline.core.schema import CONTOUR_VERTICES
 from wsi_pipeline.image.detect import (
     DetectedCells,
     DetectParams,
-    _drop_small,
-    _label,
-    _link,
     detect_cells,
     learn_threshold,
     slide_params,
 )
+from wsi_pipeline.image.labelling import drop_small, label_mask, link_near
 from wsi_pipeline.image.slide import open_slide
 from wsi_pipeline.image.stain import nuclear_stain
 from wsi_pipeline.image.tiles import plan_tiles
@@ -88,12 +86,12 @@ def test_nuclear_stain_separates_nuclei_from_red_cells_and_glass():
 def test_labelling_is_scipys_and_small_pieces_go_as_in_skimage():
     mask = np.random.default_rng(0).random((300, 400)) < 0.45
     expected, count = ndi.label(mask)
-    labels, n = _label(mask)
+    labels, n = label_mask(mask)
     assert n == count
     np.testing.assert_array_equal(labels, expected)
     for max_size in (0, 3, 20):
         np.testing.assert_array_equal(
-            _drop_small(mask, max_size), morphology.remove_small_objects(mask, max_size=max_size)
+            drop_small(mask, max_size), morphology.remove_small_objects(mask, max_size=max_size)
         )
 
 
@@ -104,10 +102,10 @@ def test_linked_pieces_are_scipys_connected_components():
         pairs = cKDTree(centres).query_pairs(reach, output_type="ndarray")
         graph = coo_matrix((np.ones(len(pairs)), tuple(pairs.T)), shape=(count, count))
         expected = connected_components(graph, directed=False)[1] + 1
-        np.testing.assert_array_equal(_link(centres, reach), expected)
+        np.testing.assert_array_equal(link_near(centres, reach), expected)
     # A chain whose lowest index sits at its far end takes several rounds.
     chain = np.column_stack([np.zeros(50), np.arange(50)[::-1] * 2.0])
-    np.testing.assert_array_equal(_link(chain, 2.5), np.ones(50))
+    np.testing.assert_array_equal(link_near(chain, 2.5), np.ones(50))
 
 
 def test_blank_image_has_no_cells():
