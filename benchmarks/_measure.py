@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -120,6 +121,25 @@ def run_phase(script: Path, phase: str, **arguments: object) -> dict:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"benchmark phase {phase!r} failed ({arguments}): {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def phase_runner(
+    script: Path, phases: dict[str, Callable[..., dict]], in_process: bool
+) -> Callable[..., dict]:
+    """``run(phase, **arguments)``: a script's phase in a fresh interpreter (:func:`run_phase`),
+    or, ``in_process``, called here with the same JSON arguments and result.
+
+    A smoke run checks that the phases work together, not what each costs: in process it
+    skips an interpreter start and a torch import per phase, most of a smoke run's time.
+    """
+    if not in_process:
+        return partial(run_phase, script)
+
+    def run(phase: str, **arguments: object) -> dict:
+        result = phases[phase](**json.loads(json.dumps(arguments)))
+        return json.loads(json.dumps(result))
+
+    return run
 
 
 @dataclass

@@ -55,9 +55,9 @@ from _measure import (
     memory,
     parse_arguments,
     peak_rss_mb,
+    phase_runner,
     rate,
     ratio,
-    run_phase,
     tifffile_region_reader,
     versions,
 )
@@ -474,13 +474,13 @@ def measure(args: argparse.Namespace) -> dict:
     model = {"device": args.device, "batch_size": args.batch_size}
     measuring = time.perf_counter()
     crops = cache / f"crops-{small}-seed{SEED}.npy"
+    run_phase = phase_runner(SCRIPT, PHASES, in_process=args.smoke)
     stages: dict[str, dict] = {"read": {}, "detect": {}, "end_to_end": {}}
     for size in (small, large):
         stages["read"][str(size)] = run_phase(
-            SCRIPT, "read", slide=str(slides[size]), tiles=args.read_tiles, **common
+            "read", slide=str(slides[size]), tiles=args.read_tiles, **common
         )
         stages["detect"][str(size)] = run_phase(
-            SCRIPT,
             "detect",
             slide=str(slides[size]),
             crops_out=str(crops) if size == small else None,
@@ -488,13 +488,12 @@ def measure(args: argparse.Namespace) -> dict:
             **common,
         )
     stages["classify"] = run_phase(
-        SCRIPT, "classify", crops=str(crops), rounds=args.rounds, **common, **model
+        "classify", crops=str(crops), rounds=args.rounds, **common, **model
     )
     for size in (small, large):
         runs = [False, True] if size in args.saliency_sizes else [False]
         stages["end_to_end"][str(size)] = [
             run_phase(
-                SCRIPT,
                 "end_to_end",
                 slide=str(slides[size]),
                 saliency=saliency,
@@ -510,7 +509,6 @@ def measure(args: argparse.Namespace) -> dict:
     spare = None
     if e2e_large["classifier_workers"] > 1 and (host["gpu"] is None or args.device == "cpu"):
         spare = stages["end_to_end_spare_core"] = run_phase(
-            SCRIPT,
             "end_to_end",
             slide=str(slides[large]),
             saliency=False,

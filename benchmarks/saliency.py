@@ -42,8 +42,8 @@ from _measure import (
     memory,
     parse_arguments,
     peak_rss_mb,
+    phase_runner,
     rate,
-    run_phase,
     versions,
 )
 from scipy import ndimage as ndi
@@ -258,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase:
         print(json.dumps(PHASES[args.phase](**json.loads(args.arguments))))
         return 0
+    run_phase = phase_runner(Path(__file__), PHASES, in_process=args.smoke)
     speed: dict[str, dict] = {}
     for method in ("gradcam", "smoothgrad"):
         for way in ("old", "new"):
             speed.setdefault(method, {})[way] = run_phase(
-                Path(__file__),
                 "speed",
                 card=args.card,
                 mll=str(args.mll),
